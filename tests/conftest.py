@@ -1,0 +1,63 @@
+"""Shared test fixtures: tiny random Hugging Face checkpoints and a tiny BPE tokenizer, built offline.
+
+transformers is used here only as a reference and a checkpoint writer; no library file imports it.
+"""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Paris is the capital of France. Berlin is the capital of Germany.",
+    "Question: who wrote the book? Answer: Alice wrote it in 1999.",
+    "Documents are compressed into memory tokens by the encoder adapter.",
+    "This is a small corpus used to train a byte pair encoding tokenizer offline.",
+] * 20
+
+
+def build_tokenizer(vocab_size: int = 300):
+    """A small BPE tokenizer shaped like Mistral's: <unk>=0, <s>=1, </s>=2, Metaspace with a leading ▁
+    only at the very start of the text (prepend_scheme='first', the non-legacy conversion)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+                                  show_progress=False)
+    tok.train_from_iterator(CORPUS, trainer)
+    return tok
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer():
+    return build_tokenizer()
+
+
+def write_hf_model(path: Path, arch: str = "mistral", seed: int = 0, shard: bool = False, **overrides):
+    """Save a tiny random MistralForCausalLM / LlamaForCausalLM to `path`; returns the HF model (fp32)."""
+    import transformers
+    torch.manual_seed(seed)
+    common = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=1)
+    if arch == "mistral":
+        cfg = transformers.MistralConfig(**{**common, "sliding_window": 8, "rope_theta": 10000.0, **overrides})
+        model = transformers.MistralForCausalLM(cfg)
+    else:
+        cfg = transformers.LlamaConfig(**{**common, "tie_word_embeddings": True, "head_dim": 24, **overrides})
+        model = transformers.LlamaForCausalLM(cfg)
+    model = model.float().eval()
+    # HF initialises with std 0.02; widen it so that random logits are far from ties (a fairer test).
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" not in n:
+                p.normal_(0, 0.1)
+    model.save_pretrained(path, max_shard_size="20KB" if shard else "5GB", safe_serialization=True)
+    return model

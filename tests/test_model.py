@@ -1,0 +1,302 @@
+"""model.py against Hugging Face transformers on tiny random checkpoints built offline.
+
+Tolerance: fp32 logits within 1e-5 (absolute) of transformers' on the same weights.
+"""
+import json
+
+import pytest
+import torch
+
+from conftest import write_hf_model
+from model import KVCache, LoRAConfig, ModelConfig, Transformer, generate
+
+ATOL = 1e-5
+
+
+def left_pad(rows, pad_id=1):
+    """List of id lists -> (ids, mask), left padded."""
+    T = max(len(r) for r in rows)
+    ids = torch.tensor([[pad_id] * (T - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+@pytest.fixture(scope="module", params=["mistral", "llama"])
+def pair(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param)
+    hf = write_hf_model(path, arch=request.param)
+    ours = Transformer.from_pretrained(path, dtype=torch.float32).eval()
+    return hf, ours, path
+
+
+def test_config_fields(pair):
+    _, ours, _ = pair
+    if ours.cfg.tie_embeddings:  # the Llama fixture: tied, explicit head_dim 24 != 64 / 4
+        assert ours.cfg.head_dim == 24 and ours.output.weight is ours.tok_embeddings.weight
+        assert ours.cfg.sliding_window is None
+    else:  # the Mistral fixture: GQA 4/2 heads, sliding window 8 shorter than the test sequences
+        assert ours.cfg.sliding_window == 8 and ours.cfg.n_kv_heads == 2
+
+
+def test_logits_match_transformers(pair):
+    hf, ours, _ = pair
+    ids = torch.randint(3, 300, (2, 21))  # longer than the sliding window (8)
+    with torch.no_grad():
+        ref = hf(ids).logits
+        out = ours(ids)
+    assert out.shape == (2, 21, 300)
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+
+
+def test_left_padded_batch(pair):
+    hf, ours, _ = pair
+    rows = [torch.randint(3, 300, (n,)).tolist() for n in (17, 9, 13)]
+    ids, mask = left_pad(rows)
+    with torch.no_grad():
+        out = ours(ids, attention_mask=mask)
+        ref = hf(ids, attention_mask=mask).logits
+        for b, r in enumerate(rows):
+            alone = ours(torch.tensor([r]))[0]
+            n = len(r)
+            # the same row unpadded gives the same logits at its real positions
+            torch.testing.assert_close(out[b, -n:], alone, atol=ATOL, rtol=0)
+            torch.testing.assert_close(out[b, -n:], ref[b, -n:], atol=ATOL, rtol=0)
+    assert torch.isfinite(out).all()
+
+
+def test_inputs_embeds_and_hidden(pair):
+    hf, ours, _ = pair
+    ids = torch.randint(3, 300, (2, 10))
+    with torch.no_grad():
+        emb = ours.tok_embeddings(ids)
+        torch.testing.assert_close(ours(inputs_embeds=emb), ours(ids), atol=0, rtol=0)
+        h = ours(ids, output="hidden")
+        ref = hf.model(ids).last_hidden_state  # after the final norm
+        torch.testing.assert_close(h, ref, atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="exactly one"):
+        ours(ids, inputs_embeds=emb)
+
+
+def test_greedy_generation_matches_transformers(pair):
+    hf, ours, _ = pair
+    rows = [torch.randint(3, 300, (n,)).tolist() for n in (7, 12)]
+    ids, mask = left_pad(rows)
+    ref = hf.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, eos_token_id=2,
+                      pad_token_id=1)[:, ids.shape[1]:].tolist()
+    ref = [r[:r.index(2)] if 2 in r else r for r in ref]
+    out = generate(ours, ids, mask, max_new_tokens=20, eos_id=2)
+    assert out == ref
+    assert sum(map(len, out)) >= 20  # the comparison covers real decoding steps, not an early EOS
+
+
+def test_generation_from_embeddings_equals_ids(pair):
+    _, ours, _ = pair
+    ids, mask = left_pad([torch.randint(3, 300, (n,)).tolist() for n in (5, 11)])
+    a = generate(ours, ids, mask, max_new_tokens=8)
+    b = generate(ours, inputs_embeds=ours.tok_embeddings(ids), attention_mask=mask, max_new_tokens=8)
+    assert a == b
+
+
+def test_kv_cache_decoding_equals_full_forward(pair):
+    _, ours, _ = pair
+    ids, mask = left_pad([torch.randint(3, 300, (n,)).tolist() for n in (14, 10)])
+    with torch.no_grad():
+        full = ours(ids, attention_mask=mask)
+        cache = KVCache(ours.cfg, 2, ids.shape[1], "cpu", torch.float32)
+        parts = [ours(ids[:, :6], attention_mask=mask[:, :6], cache=cache)]
+        for t in range(6, ids.shape[1]):  # then one token at a time
+            parts.append(ours(ids[:, t:t + 1], attention_mask=mask[:, t:t + 1], cache=cache))
+    inc = torch.cat(parts, 1)
+    real = mask.bool()
+    torch.testing.assert_close(inc[real], full[real], atol=ATOL, rtol=0)
+
+
+def test_sampling_is_seeded_and_respects_top_p(pair):
+    _, ours, _ = pair
+    ids = torch.randint(3, 300, (2, 6))
+    g = lambda: torch.Generator().manual_seed(3)
+    a = generate(ours, ids, max_new_tokens=6, temperature=1.0, top_p=0.9, generator=g())
+    b = generate(ours, ids, max_new_tokens=6, temperature=1.0, top_p=0.9, generator=g())
+    assert a == b
+    # top_p -> 0 keeps only the most likely token: sampling becomes greedy
+    assert generate(ours, ids, max_new_tokens=6, temperature=1.0, top_p=1e-9, generator=g()) == \
+        generate(ours, ids, max_new_tokens=6)
+
+
+def test_stops_at_eos_per_row(pair):
+    _, ours, _ = pair
+    ids = torch.randint(3, 300, (2, 6))
+    free = generate(ours, ids, max_new_tokens=5)
+    # declare row 0's third token to be EOS: row 0 stops at its first occurrence, row 1 goes on unless it meets it
+    eos = free[0][2]
+    out = generate(ours, ids, max_new_tokens=5, eos_id=eos)
+    assert out[0] == free[0][:free[0].index(eos)]
+    assert out[1] == (free[1][:free[1].index(eos)] if eos in free[1] else free[1])
+
+
+def test_sharded_checkpoint(tmp_path):
+    hf = write_hf_model(tmp_path, shard=True)
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    ours = Transformer.from_pretrained(tmp_path, dtype=torch.float32)
+    ids = torch.randint(3, 300, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), hf(ids).logits, atol=ATOL, rtol=0)
+
+
+def test_dtype_and_meta_free(pair):
+    _, _, path = pair
+    m = Transformer.from_pretrained(path, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 and p.device.type == "cpu" for p in m.parameters())
+    assert not any(p.requires_grad for p in m.parameters())
+
+
+# -- LoRA -----------------------------------------------------------------------------------------
+
+def test_lora_zero_b_is_identity_and_switching(pair):
+    _, ours, _ = pair
+    ours.add_adapter("enc", LoRAConfig(rank=4, alpha=8, dropout=0.0))
+    ours.add_adapter("dec", LoRAConfig(rank=2, alpha=2, dropout=0.0))
+    try:
+        ids = torch.randint(3, 300, (2, 8))
+        with torch.no_grad():
+            base = ours(ids)
+            torch.testing.assert_close(ours(ids, adapter="enc"), base, atol=0, rtol=0)  # B = 0
+            for m in ours.lora_layers():
+                m.lora_B["enc"].normal_()
+            enc = ours(ids, adapter="enc")
+            assert (enc - base).abs().max() > 1e-3
+            torch.testing.assert_close(ours(ids, adapter="dec"), base, atol=0, rtol=0)  # other adapter untouched
+            torch.testing.assert_close(ours(ids), base, atol=0, rtol=0)  # no adapter = base
+            # the adapter computes y = W x + (alpha / r) B A x on one projection
+            wq = ours.layers[0].attention.wq
+            x = torch.randn(3, wq.in_features)
+            ref = x @ wq.weight.T + 2.0 * (x @ wq.lora_A["enc"].T) @ wq.lora_B["enc"].T
+            torch.testing.assert_close(wq(x, "enc"), ref, atol=1e-5, rtol=1e-5)
+        # trainable parameters are exactly the adapters: 7 projections x 2 matrices x layers x adapters
+        trainable = {n for n, p in ours.named_parameters() if p.requires_grad}
+        assert all(".lora_A." in n or ".lora_B." in n for n in trainable)
+        assert len(trainable) == 7 * 2 * ours.cfg.n_layers * 2
+        assert set(ours.adapter_parameters("enc")) == {n for n in trainable if n.endswith(".enc")}
+        # gradients reach only the active adapter
+        ours(ids, adapter="enc").sum().backward()
+        for n, p in ours.named_parameters():
+            if n.endswith(".enc"):
+                assert p.grad is not None
+            else:
+                assert p.grad is None, n
+        with pytest.raises(KeyError, match="no LoRA adapter named 'zzz'"):
+            ours(ids, adapter="zzz")
+    finally:  # the fixture is shared by other tests: leave it as it was
+        for m in ours.lora_layers():
+            for name in ("enc", "dec"):
+                del m.lora_A[name], m.lora_B[name], m.lora[name]
+        ours.adapters.clear()
+
+
+def test_lora_init_and_copy():
+    m = Transformer(ModelConfig.from_preset("tiny")).init_weights()
+    m.requires_grad_(False)
+    m.add_adapter("encoder", LoRAConfig(rank=8, alpha=16, dropout=0.1))
+    wq = m.layers[0].attention.wq
+    A, B = wq.lora_A["encoder"], wq.lora_B["encoder"]
+    assert A.shape == (8, 64) and B.shape == (64, 8) and (B == 0).all()
+    bound = 1 / 64 ** 0.5  # kaiming_uniform(a=sqrt(5)) on fan_in 64 = nn.Linear's U(-1/sqrt(in), 1/sqrt(in))
+    assert A.abs().max() <= bound and A.abs().max() > 0.5 * bound
+    m.copy_adapter("encoder", "query")
+    for layer in m.lora_layers():
+        assert torch.equal(layer.lora_A["query"], layer.lora_A["encoder"])
+        assert layer.lora_A["query"].data_ptr() != layer.lora_A["encoder"].data_ptr()
+    # dropout is active only in training mode
+    ids = torch.randint(0, 512, (1, 5))
+    for layer in m.lora_layers():
+        layer.lora_B["encoder"].data.normal_()
+    m.eval()
+    with torch.no_grad():
+        assert torch.equal(m(ids, adapter="encoder"), m(ids, adapter="encoder"))
+        m.train()
+        assert not torch.equal(m(ids, adapter="encoder"), m(ids, adapter="encoder"))
+
+
+def test_activation_checkpointing_same_gradients():
+    m = Transformer(ModelConfig.from_preset("tiny")).init_weights()
+    m.requires_grad_(False).add_adapter("a", LoRAConfig(dropout=0.0))
+    for layer in m.lora_layers():
+        layer.lora_B["a"].data.normal_(0, 0.02)
+    ids = torch.randint(0, 512, (2, 12))
+    grads = []
+    for ckpt in (False, True):
+        m.zero_grad()
+        m.activation_checkpointing = ckpt
+        m.train()(ids, adapter="a").logsumexp(-1).mean().backward()
+        grads.append([p.grad.clone() for p in m.parameters() if p.requires_grad])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_resize_vocab():
+    m = Transformer(ModelConfig.from_preset("tiny")).init_weights()
+    old = m.tok_embeddings.weight.clone()
+    m.resize_vocab(520)
+    w = m.tok_embeddings.weight
+    assert w.shape == (520, 64) and m.output.weight.shape == (520, 64) and m.cfg.vocab_size == 520
+    assert torch.equal(w[:512], old)
+    assert (w[512:] - old.mean(0)).abs().max() < 0.01  # near the mean of the old rows
+    assert m(torch.tensor([[515]])).shape == (1, 1, 520)
+
+
+# -- configs and bad input -------------------------------------------------------------------------
+
+def test_old_style_config(tmp_path):
+    """Real Mistral checkpoints carry top-level rope_theta / torch_dtype (older transformers)."""
+    cfg = {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_size": 4096,
+           "intermediate_size": 14336, "num_attention_heads": 32, "num_hidden_layers": 32,
+           "num_key_value_heads": 8, "rms_norm_eps": 1e-5, "rope_theta": 1000000.0, "sliding_window": None,
+           "tie_word_embeddings": False, "torch_dtype": "bfloat16", "vocab_size": 32000,
+           "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu"}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    c = ModelConfig.from_hf(tmp_path / "config.json")
+    assert c == ModelConfig.from_preset("mistral-7b")
+
+
+def test_presets():
+    assert ModelConfig.from_preset("tiny", vocab_size=100).vocab_size == 100
+    with pytest.raises(ValueError, match="unknown model preset 'huge'"):
+        ModelConfig.from_preset("huge")
+    with pytest.raises(ValueError, match="no field"):
+        ModelConfig.from_preset("tiny", hidden=3)
+
+
+def test_bad_inputs(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Transformer.from_pretrained(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        Transformer.from_pretrained(tmp_path / "empty")
+    d = tmp_path / "m"
+    write_hf_model(d)
+    cfg = json.loads((d / "config.json").read_text())
+    bad = tmp_path / "gpt2"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({**cfg, "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
+    with pytest.raises(ValueError, match="unsupported architecture 'GPT2LMHeadModel'"):
+        Transformer.from_pretrained(bad)
+    # the weights disagree with the config: a mis-shaped tensor is named
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    (wrong / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 128}))
+    (wrong / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes())
+    with pytest.raises(ValueError, match="mlp.gate_proj.weight' has shape"):
+        Transformer.from_pretrained(wrong)
+    # a missing tensor and an unexpected tensor are named
+    from safetensors.torch import load_file, save_file
+    sd = load_file(d / "model.safetensors")
+    (wrong / "config.json").write_text(json.dumps(cfg))
+    save_file({k: v for k, v in sd.items() if k != "model.norm.weight"}, wrong / "model.safetensors")
+    with pytest.raises(KeyError, match="no tensor 'model.norm.weight'"):
+        Transformer.from_pretrained(wrong)
+    save_file({**sd, "model.extra.weight": torch.zeros(2)}, wrong / "model.safetensors")
+    with pytest.raises(KeyError, match="model.extra.weight"):
+        Transformer.from_pretrained(wrong)
+    (wrong / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        Transformer.from_pretrained(wrong)
