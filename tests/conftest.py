@@ -40,6 +40,19 @@ def hf_tokenizer():
     return build_tokenizer()
 
 
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory):
+    """A tiny random base model + tokenizer saved as an HF-style directory (our own writer)."""
+    from data import train_tokenizer
+    from model import ModelConfig, Transformer
+    path = tmp_path_factory.mktemp("tiny_base")
+    tok = train_tokenizer(CORPUS, 300)
+    model = Transformer(ModelConfig.from_preset("tiny", vocab_size=tok.vocab_size)).init_weights(seed=0, std=0.1)
+    model.save_pretrained(path)
+    tok.save(path)
+    return path
+
+
 def write_hf_model(path: Path, arch: str = "mistral", seed: int = 0, shard: bool = False, **overrides):
     """Save a tiny random MistralForCausalLM / LlamaForCausalLM to `path`; returns the HF model (fp32)."""
     import transformers

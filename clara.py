@@ -1,0 +1,670 @@
+"""CLaRa: compress documents into memory-token vectors, answer from them, and learn retrieval end to end.
+
+This file is the method (paper arXiv 2511.18659; behaviour of the official `modeling_clara.py` as written
+down in CLARA_SPEC.md, never its code). One frozen decoder (model.py) carries three LoRA adapters:
+
+    encoder  compresses a document:  "<ENC><s>{doc}</s>" (left padded to L+3) + <MEM0..M-1>
+             -> final hidden states (after the last RMSNorm) at the M memory positions  = (M, H)
+    decoder  answers: a chat prompt whose memory slots <MEM0..M-1><SEP> (one group per document)
+             have their embeddings overwritten by the compressed vectors of those documents
+    query    (stage 3) encodes the question like a document; cosine similarity with the compressed
+             candidates -> differentiable top-k (topk.py) -> the selected vectors go into the slots
+
+Stages (CLARA_SPEC.md §5): 1 = compression pretraining (QA / paraphrase targets, encoder + decoder +
+<MEMi> embedding rows), 2 = instruction tuning (k documents per question, encoder + a fresh decoder),
+3 = end to end (query + decoder; documents compressed without gradient by the frozen encoder).
+
+Also here: the inference API of the official model (same names), a memory bank of compressed documents
+searched by the query reasoner, our checkpoint format, and an importer for the released folders.
+
+Shape legend: B questions, N candidates, K documents per prompt (top-k), M memory tokens per document,
+T decoder tokens, L encoder tokens (doc_max_length + 3 + M), H hidden size.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from data import Tokenizer, chat, left_pad
+from model import LoRAConfig, ModelConfig, Transformer, generate
+from topk import topk_select
+
+# ----------------------------------------------------------------------------------------------------
+# Configuration and prompts
+
+@dataclass
+class ClaraConfig:
+    doc_max_length: int = 256     # document tokens kept before compression (longer ones are cut)
+    compr_rate: int = 32          # doc_max_length / compr_rate = memory tokens per document
+    generation_top_k: int = 5     # documents per prompt (stages 2, 3 and inference)
+    lora_r: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.1
+    tau: float = 0.02             # temperature of the differentiable top-k (stage 3)
+    topk_estimator: str = "straight_through"  # topk.py: straight_through | gumbel | soft
+    mse_weight: float = 0.1       # weight of the alignment loss (stages 1 and 2)
+    max_len: int = 2048           # decoder tokens per example, truncated on the right
+    training_stage: int = 1
+
+    def __post_init__(self):
+        if self.compr_rate < 1 or self.n_mem < 1:
+            raise ValueError(f"doc_max_length {self.doc_max_length} // compr_rate {self.compr_rate} = 0 memory tokens")
+
+    @property
+    def n_mem(self) -> int:
+        return self.doc_max_length // self.compr_rate
+
+    @property
+    def lora(self) -> LoRAConfig:
+        return LoRAConfig(self.lora_r, self.lora_alpha, self.lora_dropout)
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config") -> "ClaraConfig":
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"{source}: unknown ClaraConfig field(s) {sorted(unknown)}")
+        return cls(**d)
+
+
+SYSTEM_QA = ("You are a helpful assistant. Given a document, your task is to generate some single questions "
+             "to cover all key information of the document and answer them sequentially.")
+SYSTEM_PARAPHRASE = ("You are a helpful assistant. Your task is follow the instructions to paraphrase the "
+                     "background information.")
+SYSTEM_ANSWER = ("You are a helpful assistant. Your task is to extract relevant information from provided "
+                 "documents and to answer to questions as briefly as possible.")
+PARAPHRASE_TEMPLATES = [
+    "Background: {docs} means the same as",
+    "Background: {docs} Can you put the above sentences in your own terms?",
+    "Background: {docs} Please provide a reinterpretation of the preceding background text.",
+    "These two expressions are equivalent in essence:\n(1) {docs}\n(2)",
+    "Background: {docs} is a paraphrase of what?",
+    "Background: {docs} Could you give me a different version of the background sentences above?",
+    "In other words, background: {docs} is just another way of saying:",
+    "You're getting across the same point whether you say background: {docs} or",
+    "Background: {docs} After unpacking the ideas in the background information above, we got:",
+    "Background: {docs} Please offer a restatement of the background sentences I've just read.",
+    "Background: {docs}, which also means:",
+    "Strip away the mystery, and you'll find background: {docs} is simply another rendition of:",
+    "The essence of background: {docs} is captured again in the following statement:",
+]
+
+
+def build_prompt(kind: str, docs: str, question: str = "", qa: list[tuple[str, str]] | None = None,
+                 template: int = 0) -> tuple[str, str | None]:
+    """The one prompt builder: (system, user) for every kind of example, as chat text.
+
+    kind: "qa" (stage 1), "paraphrase" (stage 1), "answer" (stages 2/3 and inference), "closed_book".
+    docs: the background, either memory slots ("<MEM0>..<MEM{M-1}><SEP>" per document) or raw text.
+    Returns (prompt_text, target_text or None); the target is what the loss covers (plus the final </s>).
+    """
+    if kind == "qa":
+        target = "\n".join(f"Question: {q}\nAnswer: {a}" for q, a in qa) if qa else None
+        return chat(f"Background:\n{docs}", SYSTEM_QA), target
+    if kind == "paraphrase":
+        return chat(PARAPHRASE_TEMPLATES[template].format(docs=docs), SYSTEM_PARAPHRASE), None
+    if kind == "answer":
+        return chat(f"Background:\n{docs}\n\nQuestion:{question}", SYSTEM_ANSWER), None
+    if kind == "closed_book":
+        return chat(f"Question:{question}", SYSTEM_ANSWER), None
+    raise ValueError(f"unknown prompt kind {kind!r}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The model
+
+class Clara(nn.Module):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, cfg: ClaraConfig, base_path: str | None = None):
+        """Wrap a loaded base decoder: add CLaRa's tokens, grow the vocabulary, add the adapters."""
+        super().__init__()
+        self.cfg, self.tok, self.base_path = cfg, tokenizer, base_path
+        self.base_vocab = tokenizer.vocab_size
+        M = cfg.n_mem
+        mem_tokens = [f"<MEM{i}>" for i in range(M)]
+        if tokenizer.has_token("<ENC>"):  # a tokenizer saved with CLaRa's tokens: check they are ours
+            self.base_vocab = tokenizer.token_id("<MEM0>") if tokenizer.has_token("<MEM0>") else -1
+            if not all(tokenizer.has_token(t) for t in mem_tokens) or tokenizer.has_token(f"<MEM{M}>"):
+                raise ValueError(f"{tokenizer.source}: its <MEMi> tokens do not match n_mem={M} "
+                                 f"(doc_max_length {cfg.doc_max_length} / compr_rate {cfg.compr_rate})")
+        if self.base_vocab > model.cfg.vocab_size:
+            raise ValueError(f"{tokenizer.source}: tokenizer has {self.base_vocab} base tokens but the model's "
+                             f"embedding has only {model.cfg.vocab_size} rows: wrong tokenizer for this model?")
+        ids = tokenizer.add_special_tokens(mem_tokens + ["<AE>", "<ENC>", "<SEP>"])
+        self.mem_ids = torch.tensor(ids[:M])
+        self.ae_id, self.enc_id, self.sep_id = ids[M:]
+        if ids != list(range(ids[0], ids[0] + M + 3)):
+            raise ValueError(f"{tokenizer.source}: CLaRa's tokens must be contiguous after the base vocabulary, got ids {ids}")
+        if tokenizer.vocab_size > model.cfg.vocab_size:
+            model.resize_vocab(tokenizer.vocab_size)
+        self.model = model.requires_grad_(False)
+        for name in ("encoder", "decoder"):
+            model.add_adapter(name, cfg.lora)
+        if cfg.training_stage == 3:
+            model.add_adapter("query", cfg.lora)
+        # The <MEMi> input embeddings train in stage 1 (CLARA_SPEC.md §2). Rather than a gradient mask over
+        # the whole (V, H) embedding (and AdamW state for all of it), they live in their own (M, H)
+        # parameter and are written back into the embedding rows when a checkpoint is exported.
+        emb = model.tok_embeddings.weight
+        self.mem_embeddings = nn.Parameter(emb[ids[0]:ids[0] + M].detach().clone().float(), requires_grad=False)
+
+    # -- small helpers ----------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.tok_embeddings.weight.device
+
+    @property
+    def mem_slots(self) -> str:
+        """One document's slot in a prompt: <MEM0>..<MEM{M-1}><SEP>."""
+        return "".join(f"<MEM{i}>" for i in range(self.cfg.n_mem)) + "<SEP>"
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings (B, T, H), with the <MEMi> rows taken from `mem_embeddings`."""
+        x = self.model.tok_embeddings(ids)  # (B, T, H)
+        m0, M = int(self.mem_ids[0]), self.cfg.n_mem
+        is_mem = (ids >= m0) & (ids < m0 + M)  # (B, T)
+        mem = self.mem_embeddings.to(x.dtype)[(ids - m0).clamp(0, M - 1)]  # (B, T, H)
+        return torch.where(is_mem[..., None], mem, x)
+
+    def trainable_parameters(self, stage: int) -> dict[str, nn.Parameter]:
+        """Mark and return what trains in `stage` (CLARA_SPEC.md §5 table); everything else is frozen."""
+        self.requires_grad_(False)
+        names = {1: ("encoder", "decoder"), 2: ("encoder", "decoder"), 3: ("query", "decoder")}[stage]
+        params = {}
+        for a in names:
+            params.update(self.model.adapter_parameters(a))
+        if stage == 1:
+            params["mem_embeddings"] = self.mem_embeddings
+        for p in params.values():
+            p.requires_grad_(True)
+        return params
+
+    # -- compression --------------------------------------------------------------------------------
+
+    def tokenize_documents(self, docs: list[str]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """"<ENC><s>doc</s>" cut on the right to L+3 tokens, LEFT padded, + the M memory tokens.
+
+        Returns ids and mask (n_docs, L+3+M) on the model's device and the number of truncated documents.
+        """
+        L = self.cfg.doc_max_length + 3
+        rows = self.tok.encode_batch([f"<ENC><s>{d}</s>" for d in docs])
+        truncated = sum(len(r) > L for r in rows)
+        ids, mask = left_pad([r[:L] for r in rows], self.tok.pad_id, L)  # (n, L+3)
+        n = len(docs)
+        ids = torch.cat([ids, self.mem_ids.expand(n, -1)], 1)  # (n, L+3+M)
+        mask = torch.cat([mask, torch.ones(n, self.cfg.n_mem, dtype=mask.dtype)], 1)
+        return ids.to(self.device), mask.to(self.device), truncated
+
+    def compress(self, ids: torch.Tensor, mask: torch.Tensor, adapter: str = "encoder"):
+        """Encoder pass -> memory vectors (n, M, H) and the alignment loss (CLARA_SPEC.md §3).
+
+        mse = mean over documents and hidden units of (mean_t∈mem h_t - mean_t∈text h_t)^2, where "text"
+        is every real non-memory token (<ENC>, <s>, the document, </s>).
+        """
+        M = self.cfg.n_mem
+        h = self.model(inputs_embeds=self.embed(ids), attention_mask=mask, adapter=adapter, output="hidden")  # (n, L, H)
+        mem = h[:, -M:]  # (n, M, H): the memory tokens are always the last M positions
+        text_mask = mask.clone()
+        text_mask[:, -M:] = 0
+        text_mean = (h * text_mask[..., None]).sum(1) / text_mask.sum(1, keepdim=True).clamp(min=1)  # (n, H)
+        mse = (mem.float().mean(1) - text_mean.float()).pow(2).mean()
+        return mem, mse
+
+    # -- decoder prompts ----------------------------------------------------------------------------
+
+    def tokenize_prompts(self, prompts: list[str], targets: list[str | None]) -> dict:
+        """Chat prompts (+ targets) -> left-padded ids, mask and labels (-100 except target + </s>).
+
+        Sequences are capped at max_len tokens by cutting on the right (the spec's truncation).
+        """
+        rows, labels = [], []
+        for p, t in zip(prompts, targets):
+            p_ids = self.tok.encode(p)
+            if t is None:
+                rows.append(p_ids)
+                labels.append([-100] * len(p_ids))
+                continue
+            full = self.tok.encode(f"{p} {t}</s>")
+            if full[:len(p_ids)] != p_ids:
+                raise ValueError(f"{self.tok.source}: the prompt's tokens are not a prefix of prompt+answer "
+                                 "tokens (a piece crosses the boundary); cannot place the labels")
+            full = full[:self.cfg.max_len]
+            rows.append(full)
+            labels.append([-100] * len(p_ids) + full[len(p_ids):])
+        ids, mask = left_pad(rows, self.tok.pad_id)  # (B, T)
+        lab, _ = left_pad([lb[:len(r)] for lb, r in zip(labels, rows)], -100)  # (B, T)
+        return {"ids": ids.to(self.device), "mask": mask.to(self.device), "labels": lab.to(self.device)}
+
+    def splice(self, ids: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        """Prompt embeddings with document j's M vectors written into the j-th memory slot.
+
+        ids (B, T) holding K slot groups per row; memory (B, K, M, H). One masked scatter: the memory
+        positions of the flattened batch, in row-major order, are exactly (b, j, m) in order.
+        """
+        emb = self.embed(ids)  # (B, T, H)
+        m0, M = int(self.mem_ids[0]), self.cfg.n_mem
+        is_mem = (ids >= m0) & (ids < m0 + M)  # (B, T)
+        B, K = memory.shape[:2]
+        counts = is_mem.sum(1)
+        if not bool((counts == K * M).all()):
+            raise ValueError(f"splice: every prompt must hold {K} slots of {M} memory tokens; found "
+                             f"{counts.tolist()} memory tokens (a prompt cut by max_len={self.cfg.max_len}?)")
+        return emb.masked_scatter(is_mem[..., None], memory.to(emb.dtype))
+
+    def decoder_loss(self, batch: dict, memory: torch.Tensor):
+        """Sum of token cross-entropies (fp32, shifted by one) and the number of target tokens."""
+        emb = self.splice(batch["ids"], memory)  # (B, T, H)
+        h = self.model(inputs_embeds=emb, attention_mask=batch["mask"], adapter="decoder", output="hidden")
+        labels = batch["labels"][:, 1:]  # (B, T-1): token t+1 is predicted at position t
+        keep = labels != -100
+        logits = self.model.output(h[:, :-1][keep]).float()  # (n_targets, V): only where there is a target
+        ce = F.cross_entropy(logits, labels[keep], reduction="sum")
+        return ce, keep.sum()
+
+    # -- batches and the three stage losses --------------------------------------------------------
+
+    def collate(self, records: list[dict], stage: int, rng: random.Random | None = None) -> dict:
+        """Validated records (data.py) -> the tensors of one batch.
+
+        stage 1: {"data_type", "question", "answers", "docs"} one document each
+        stage 2: {"question", "docs" (K), "answer"}; stage 3: {"question", "docs" (N), "answer", "pos_index"}
+        """
+        rng = rng or random.Random(0)
+        docs = [d for r in records for d in r["docs"]]
+        k = len(records[0]["docs"])
+        if any(len(r["docs"]) != k for r in records):
+            raise ValueError(f"collate: every record of a batch needs the same number of documents; got "
+                             f"{[len(r['docs']) for r in records]}")
+        enc_ids, enc_mask, truncated = self.tokenize_documents(docs)
+        prompts, targets = [], []
+        for r in records:
+            if stage == 1 and r["data_type"] == "qa":
+                p, t = build_prompt("qa", self.mem_slots, qa=list(zip(r["question"], r["answers"])))
+            elif stage == 1:
+                p, t = build_prompt("paraphrase", self.mem_slots, template=rng.randrange(len(PARAPHRASE_TEMPLATES)))
+                t = r["answers"][0]
+            else:
+                n_slots = self.cfg.generation_top_k if stage == 3 else k
+                p, t = build_prompt("answer", self.mem_slots * n_slots, question=r["question"])
+                t = r["answer"]
+            prompts.append(p)
+            targets.append(t)
+        batch = {"enc_ids": enc_ids, "enc_mask": enc_mask, "docs_per_row": k, "truncated": truncated,
+                 "dec": self.tokenize_prompts(prompts, targets)}
+        if stage == 3:
+            q_ids, q_mask, _ = self.tokenize_documents([r["question"] for r in records])
+            batch.update(q_ids=q_ids, q_mask=q_mask, pos_index=[r.get("pos_index") for r in records])
+        return batch
+
+    def loss(self, batch: dict, stage: int) -> dict:
+        """One stage's loss pieces: {"ce_sum", "n_tokens", "mse", ...}; see `total_loss`."""
+        B, k = batch["dec"]["ids"].shape[0], batch["docs_per_row"]
+        if stage in (1, 2):
+            mem, mse = self.compress(batch["enc_ids"], batch["enc_mask"])  # (B*k, M, H)
+            ce, n = self.decoder_loss(batch["dec"], mem.view(B, k, *mem.shape[1:]))
+            return {"ce_sum": ce, "n_tokens": n, "mse": mse}
+        if stage != 3:
+            raise ValueError(f"stage must be 1, 2 or 3, got {stage}")
+        selected, idx, _ = self.retrieve(batch, k)
+        ce, n = self.decoder_loss(batch["dec"], selected)
+        return {"ce_sum": ce, "n_tokens": n, "mse": torch.zeros((), device=ce.device), "topk": idx}
+
+    def retrieve(self, batch: dict, n_candidates: int, top_k: int | None = None):
+        """Stage 3: query reasoner -> cosine scores -> differentiable top-k -> selected memory.
+
+        Returns selected (B, K, M, H) in rank order, idx (B, K), scores (B, N).
+        """
+        top_k = top_k or self.cfg.generation_top_k
+        if top_k > n_candidates:
+            raise ValueError(f"top-k {top_k} is larger than the number of candidates {n_candidates}")
+        B = batch["q_ids"].shape[0]
+        was_training = self.model.training
+        with torch.no_grad():  # documents: frozen encoder, and no LoRA dropout (an official defect)
+            self.model.eval()
+            docs, _ = self.compress(batch["enc_ids"], batch["enc_mask"])  # (B*N, M, H)
+            self.model.train(was_training)
+        D = docs.view(B, n_candidates, -1).float()  # (B, N, M*H)
+        q, _ = self.compress(batch["q_ids"], batch["q_mask"], adapter="query")  # (B, M, H)
+        scores = F.cosine_similarity(q.reshape(B, 1, -1).float(), D, dim=-1)  # (B, N), fp32
+        W, idx = topk_select(scores, top_k, self.cfg.tau, self.cfg.topk_estimator, training=self.training)
+        selected = torch.einsum("bkn,bnd->bkd", W, D)  # (B, K, M*H): slot j holds the j-th ranked doc
+        return selected.view(B, top_k, self.cfg.n_mem, -1), idx, scores
+
+    def total_loss(self, out: dict, n_tokens=None) -> torch.Tensor:
+        """CE averaged over target tokens (`n_tokens` may be the global count across accumulation steps
+        and ranks) + mse_weight * alignment loss (stages 1 and 2)."""
+        n = out["n_tokens"] if n_tokens is None else n_tokens
+        return out["ce_sum"] / n.clamp(min=1) + self.cfg.mse_weight * out["mse"]
+
+    # -- inference API (names and meaning of the official model) -----------------------------------
+
+    @torch.no_grad()
+    def compress_documents(self, documents: list[str], batch_size: int = 32) -> torch.Tensor:
+        """Documents -> memory vectors (n, M, H), encoder adapter, no dropout."""
+        self.eval()
+        out = []
+        for i in range(0, len(documents), batch_size):
+            ids, mask, _ = self.tokenize_documents(documents[i:i + batch_size])
+            out.append(self.compress(ids, mask)[0])
+        return torch.cat(out)
+
+    def _check_docs(self, questions, documents):
+        if len(questions) != len(documents):
+            raise ValueError(f"{len(questions)} questions but {len(documents)} document lists")
+        k = len(documents[0])
+        bad = [i for i, d in enumerate(documents) if len(d) != k or isinstance(d, str)]
+        if bad:
+            raise ValueError(f"every question needs a list of the same number of documents ({k}); "
+                             f"question {bad[0]} has {len(documents[bad[0]]) if not isinstance(documents[bad[0]], str) else 'a string'}")
+        return k
+
+    @torch.no_grad()
+    def _generate(self, prompts: list[str], memory: torch.Tensor | None, max_new_tokens: int,
+                  adapter: str | None = "decoder") -> list[str]:
+        self.eval()
+        batch = self.tokenize_prompts(prompts, [None] * len(prompts))
+        emb = self.splice(batch["ids"], memory) if memory is not None else self.embed(batch["ids"])
+        out = generate(self.model, inputs_embeds=emb, attention_mask=batch["mask"], adapter=adapter,
+                       max_new_tokens=max_new_tokens, eos_id=self.tok.eos_id)
+        return self.tok.decode_batch(out)
+
+    def generate_from_compressed_documents_and_questions(self, questions: list[str], compressed_documents,
+                                                         max_new_tokens: int = 128) -> list[str]:
+        """Answer each question from its (K, M, H) compressed documents: (B, K, M, H) or a list of them."""
+        mem = torch.stack(list(compressed_documents)) if isinstance(compressed_documents, (list, tuple)) else compressed_documents
+        if mem.dim() != 4 or mem.shape[0] != len(questions) or mem.shape[2] != self.cfg.n_mem:
+            raise ValueError(f"compressed_documents must be (B={len(questions)}, K, M={self.cfg.n_mem}, H); "
+                             f"got {tuple(mem.shape)}")
+        prompts = [build_prompt("answer", self.mem_slots * mem.shape[1], question=q)[0] for q in questions]
+        return self._generate(prompts, mem.to(self.device), max_new_tokens)
+
+    def generate_from_text(self, questions: list[str], documents: list[list[str]], max_new_tokens: int = 128,
+                           adapter: str | None = "decoder") -> list[str]:
+        """Answer from the raw text of the documents (no compression): the uncompressed baseline.
+
+        The documents replace the memory slots, one per line. adapter=None reads with the bare base model
+        (the paper's "Mistral-7B w/ retrieval" row). Unlike the official method, changes no model state.
+        """
+        self._check_docs(questions, documents)
+        prompts = [build_prompt("answer", "\n".join(d), question=q)[0] for q, d in zip(questions, documents)]
+        return self._generate(prompts, None, max_new_tokens, adapter)
+
+    def generate_from_paraphrase(self, questions: list[str], documents: list[list[str]], max_new_tokens: int = 128) -> list[str]:
+        """Stage-1 (Base) checkpoints: regenerate each question's documents from their memory vectors."""
+        k = self._check_docs(questions, documents)
+        mem = self.compress_documents([d for ds in documents for d in ds])  # (B*K, M, H)
+        prompts = [build_prompt("paraphrase", self.mem_slots * k)[0] for _ in questions]
+        return self._generate(prompts, mem.view(len(questions), k, *mem.shape[1:]), max_new_tokens)
+
+    def generate_from_questions(self, questions: list[str], documents: list[list[str]], max_new_tokens: int = 64,
+                                top_k: int | None = None) -> tuple[list[str], torch.Tensor]:
+        """Stage-3 (E2E) checkpoints: pick the top-k of each question's N candidates, then answer.
+
+        Returns (answers, topk_indices (B, K) into each question's candidate list, in rank order).
+        """
+        if "query" not in self.model.adapters:
+            raise ValueError("generate_from_questions needs a stage-3 checkpoint (no query adapter loaded)")
+        N = self._check_docs(questions, documents)
+        self.eval()
+        with torch.no_grad():
+            batch = {"enc_ids": None}
+            batch["enc_ids"], batch["enc_mask"], _ = self.tokenize_documents([d for ds in documents for d in ds])
+            batch["q_ids"], batch["q_mask"], _ = self.tokenize_documents(questions)
+            selected, idx, _ = self.retrieve(batch, N, top_k)
+        prompts = [build_prompt("answer", self.mem_slots * idx.shape[1], question=q)[0] for q in questions]
+        return self._generate(prompts, selected, max_new_tokens), idx
+
+    @torch.no_grad()
+    def encode_queries(self, questions: list[str]) -> torch.Tensor:
+        """Question vectors (B, M*H) from the query reasoner, L2-normalised (for cosine search)."""
+        self.eval()
+        ids, mask, _ = self.tokenize_documents(questions)
+        q, _ = self.compress(ids, mask, adapter="query")
+        return F.normalize(q.flatten(1).float(), dim=-1)
+
+    # -- checkpoints ----------------------------------------------------------------------------------
+
+    def state_to_save(self) -> dict[str, torch.Tensor]:
+        """What a CLaRa checkpoint holds: every adapter, the <MEMi> rows, and all added-token rows."""
+        sd = {}
+        for a in self.model.adapters:
+            sd.update({k: v.detach() for k, v in self.model.adapter_parameters(a).items()})
+        sd["mem_embeddings"] = self.mem_embeddings.detach()
+        V0 = int(self.mem_ids[0])
+        sd["added_embeddings"] = self.model.tok_embeddings.weight[V0:].detach()
+        if not self.model.cfg.tie_embeddings:
+            sd["added_lm_head"] = self.model.output.weight[V0:].detach()
+        return {k: v.contiguous().cpu() for k, v in sd.items()}
+
+    def save_pretrained(self, path: str | Path, extra: dict | None = None):
+        """Write `clara_config.json` + `clara.safetensors` + `tokenizer.json`, atomically.
+
+        Everything is written into a temporary sibling directory which then replaces `path` by renames, so a
+        crash mid-save leaves the previous checkpoint intact.
+        """
+        from safetensors.torch import save_file
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        if tmp.exists():
+            _rmtree(tmp)
+        tmp.mkdir(parents=True)
+        save_file(self.state_to_save(), tmp / "clara.safetensors")
+        self.tok.save(tmp)
+        base = str(Path(self.base_path).resolve()) if self.base_path else None
+        meta = {"clara": asdict(self.cfg), "base_model": base, "adapters": sorted(self.model.adapters),
+                **(extra or {})}
+        (tmp / "clara_config.json").write_text(json.dumps(meta, indent=2))
+        old = path.with_name(path.name + ".old")
+        if path.exists():
+            if old.exists():
+                _rmtree(old)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old.exists():
+            _rmtree(old)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, base_model: str | Path | None = None, dtype=None, device=None,
+                        compr_rate: int | None = None, training_stage: int | None = None) -> "Clara":
+        """Load a CLaRa checkpoint: ours (clara_config.json) or an official released folder (config.json +
+        adapters.pth). `base_model` overrides where the base decoder is read from (an HF directory, or a
+        model preset name for checkpoints trained from a preset). A `compr_rate` that disagrees with the
+        checkpoint's is an error, never silently ignored (an official defect)."""
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path}: CLaRa checkpoint directory does not exist")
+        if (path / "clara_config.json").exists():
+            return _load_native(cls, path, base_model, dtype, device, compr_rate, training_stage)
+        if (path / "adapters.pth").exists():
+            return _load_official(cls, path, base_model, dtype, device, compr_rate)
+        raise FileNotFoundError(f"{path}: neither clara_config.json (this project) nor adapters.pth (official release)")
+
+
+def _check_rate(cfg: ClaraConfig, compr_rate, path):
+    if compr_rate is not None and compr_rate != cfg.compr_rate:
+        raise ValueError(f"{path}: checkpoint was trained with compr_rate={cfg.compr_rate}, "
+                         f"but compr_rate={compr_rate} was requested")
+
+
+def _load_native(cls, path, base_model, dtype, device, compr_rate, training_stage):
+    from safetensors.torch import load_file
+    meta = json.loads((path / "clara_config.json").read_text())
+    cfg = ClaraConfig.from_dict(meta["clara"], str(path / "clara_config.json"))
+    _check_rate(cfg, compr_rate, path)
+    if training_stage is not None:
+        cfg.training_stage = training_stage
+    base = base_model or meta.get("base_model")
+    if base is None or not Path(str(base)).is_dir():
+        raise FileNotFoundError(f"{path}: base model {base!r} is not a directory; pass base_model=DIR")
+    tok = Tokenizer.from_pretrained(path)
+    tok.token_id("<MEM0>")  # a checkpoint's tokenizer must carry CLaRa's tokens (clear KeyError otherwise)
+    model = Transformer.from_pretrained(base, dtype=dtype, device=device)
+    clara = cls(model, tok, cfg, base_path=str(base))
+    for a in meta["adapters"]:
+        if a not in clara.model.adapters:
+            clara.model.add_adapter(a, cfg.lora)
+    sd = load_file(path / "clara.safetensors")
+    _assign_state(clara, sd, path / "clara.safetensors", meta["adapters"])
+    return clara
+
+
+def _assign_state(clara: Clara, sd: dict, where, adapters):
+    """Copy a `state_to_save` dict into the model; every key must match a tensor of the same shape."""
+    params = dict(clara.model.named_parameters())
+    V0 = int(clara.mem_ids[0])
+    with torch.no_grad():
+        for k, v in sd.items():
+            if k == "mem_embeddings":
+                target = clara.mem_embeddings
+            elif k == "added_embeddings":
+                target = clara.model.tok_embeddings.weight[V0:]
+            elif k == "added_lm_head":
+                target = clara.model.output.weight[V0:]
+            elif k in params:
+                target = params[k]
+            else:
+                raise KeyError(f"{where}: unexpected tensor {k!r}")
+            if target.shape != v.shape:
+                raise ValueError(f"{where}: tensor {k!r} has shape {tuple(v.shape)}, expected {tuple(target.shape)}")
+            target.copy_(v)
+    missing = [k for k in params if ".lora_" in k and k.rsplit(".", 1)[1] in adapters and k not in sd]
+    if missing:
+        raise KeyError(f"{where}: no tensor for {missing[:3]}")
+
+
+# The official released folders (CLARA_SPEC.md §8).
+OFFICIAL_ADAPTERS = {"encoder_adapter": "encoder", "decoder_adapter": "decoder", "query_reasoner_adapter": "query"}
+OFFICIAL_PROJ = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
+                 "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
+                 "mlp.gate_proj": "mlp.gate", "mlp.up_proj": "mlp.up", "mlp.down_proj": "mlp.down"}
+OFFICIAL_STAGE = {"stage1": 1, "stage1_2": 2, "stage2": 3}
+
+
+def official_key(key: str, adapter: str) -> str | None:
+    """'...model.layers.3.self_attn.q_proj.lora_A.weight' -> 'layers.3.attention.wq.lora_A.<adapter>'."""
+    parts = key.split(".")
+    try:
+        i = parts.index("layers")
+        layer, proj, ab = parts[i + 1], ".".join(parts[i + 2:i + 4]), parts[i + 4]
+    except (ValueError, IndexError):
+        return None
+    if proj not in OFFICIAL_PROJ or ab not in ("lora_A", "lora_B"):
+        return None
+    return f"layers.{layer}.{OFFICIAL_PROJ[proj]}.{ab}.{adapter}"
+
+
+def _load_official(cls, path, base_model, dtype, device, compr_rate):
+    conf = json.loads((path / "config.json").read_text())
+    for key in ("compr_rate", "doc_max_length"):
+        if key not in conf:
+            raise KeyError(f"{path / 'config.json'}: missing {key!r}")
+    stage = OFFICIAL_STAGE.get(conf.get("training_stage", "stage1"))
+    if stage is None:
+        raise ValueError(f"{path / 'config.json'}: unknown training_stage {conf.get('training_stage')!r}")
+    r = conf.get("lora_r", 16)
+    cfg = ClaraConfig(doc_max_length=conf["doc_max_length"], compr_rate=conf["compr_rate"],
+                      generation_top_k=conf.get("generation_top_k", 5), lora_r=r, lora_alpha=2 * r,
+                      training_stage=stage)
+    _check_rate(cfg, compr_rate, path)
+    base = base_model or conf.get("decoder_model_name")
+    if base is None or not Path(str(base)).is_dir():
+        raise FileNotFoundError(f"{path}: base model {base!r} is not a local directory; pass base_model=DIR "
+                                "(this project never downloads)")
+    tok = Tokenizer.from_pretrained(path if (path / "tokenizer.json").exists() else base)
+    model = Transformer.from_pretrained(base, dtype=dtype, device=device)
+    clara = cls(model, tok, cfg, base_path=str(base))
+    # weights_only=True: tensors and plain containers only, never arbitrary pickled objects.
+    adapters = torch.load(path / "adapters.pth", map_location="cpu", weights_only=True)
+    first_last = torch.load(path / "decoder_first_last_layers.pth", map_location="cpu", weights_only=True)
+    sd = {}
+    for off_name, tensors in adapters.items():
+        name = OFFICIAL_ADAPTERS.get(off_name)
+        if name is None:
+            continue
+        if name not in clara.model.adapters:
+            clara.model.add_adapter(name, cfg.lora)
+        for k, v in tensors.items():
+            ours = official_key(k, name)
+            if ours is not None:
+                sd[ours] = v
+    emb, head = first_last["model.embed_tokens.weight"], first_last["lm_head.weight"]
+    V = tok.vocab_size
+    if emb.shape[0] != V or head.shape[0] != V:
+        raise ValueError(f"{path / 'decoder_first_last_layers.pth'}: {emb.shape[0]} embedding rows, the tokenizer "
+                         f"with CLaRa's tokens has {V}")
+    with torch.no_grad():  # load both matrices whole: the added rows cannot be recreated
+        clara.model.tok_embeddings.weight.copy_(emb)
+        if not clara.model.cfg.tie_embeddings:
+            clara.model.output.weight.copy_(head)
+        clara.mem_embeddings.copy_(emb[int(clara.mem_ids[0]):int(clara.mem_ids[0]) + cfg.n_mem])
+    _assign_state(clara, sd, path / "adapters.pth", [OFFICIAL_ADAPTERS[a] for a in adapters if a in OFFICIAL_ADAPTERS])
+    return clara
+
+
+def _rmtree(p: Path):
+    import shutil
+    shutil.rmtree(p)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Memory bank: compress a corpus once, retrieve from the vectors themselves
+
+class MemoryBank:
+    """Compressed documents with their ids, searchable by the query reasoner (exact inner product).
+
+    The official code asks an HTTP retrieval server; here the compressed vectors ARE the index (the
+    paper's point: no second encoding of documents at question time). Search runs in chunks, so a bank
+    that does not fit one matmul still works.
+    """
+
+    def __init__(self, vectors: torch.Tensor, ids: list[str]):
+        if vectors.shape[0] != len(ids):
+            raise ValueError(f"MemoryBank: {vectors.shape[0]} vectors but {len(ids)} ids")
+        self.vectors, self.ids = vectors, list(ids)  # (n, M, H)
+
+    @classmethod
+    def build(cls, clara: Clara, documents: list[str], ids: list[str] | None = None, batch_size: int = 32):
+        vecs = clara.compress_documents(documents, batch_size).cpu()
+        return cls(vecs, ids if ids is not None else [str(i) for i in range(len(documents))])
+
+    def save(self, path: str | Path):
+        from safetensors.torch import save_file
+        tmp = Path(str(path) + ".tmp")
+        save_file({"vectors": self.vectors.contiguous()}, tmp, metadata={"ids": json.dumps(self.ids)})
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | Path):
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt") as f:
+            return cls(f.get_tensor("vectors"), json.loads(f.metadata()["ids"]))
+
+    def search(self, queries: torch.Tensor, k: int, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+        """queries (B, M*H), unit norm -> (scores (B, k), indices (B, k)) of the top-k cosine matches."""
+        if k > len(self.ids):
+            raise ValueError(f"top-k {k} is larger than the bank ({len(self.ids)} documents)")
+        best_s = torch.full((queries.shape[0], 0), -2.0)
+        best_i = torch.zeros((queries.shape[0], 0), dtype=torch.long)
+        q = queries.float().cpu()
+        for start in range(0, len(self.ids), chunk):
+            d = F.normalize(self.vectors[start:start + chunk].flatten(1).float(), dim=-1)  # (c, M*H)
+            s = q @ d.T  # (B, c)
+            s_all = torch.cat([best_s, s], 1)
+            i_all = torch.cat([best_i, torch.arange(start, start + d.shape[0]).expand(q.shape[0], -1)], 1)
+            best_s, order = s_all.topk(min(k, s_all.shape[1]), dim=1)
+            best_i = i_all.gather(1, order)
+        return best_s, best_i
+
+    def answer(self, clara: Clara, questions: list[str], k: int | None = None, max_new_tokens: int = 64):
+        """Retrieve each question's top-k documents from the bank and answer from their vectors."""
+        k = k or clara.cfg.generation_top_k
+        _, idx = self.search(clara.encode_queries(questions), k)  # (B, k)
+        mem = self.vectors[idx]  # (B, k, M, H)
+        answers = clara.generate_from_compressed_documents_and_questions(questions, mem, max_new_tokens)
+        return answers, [[self.ids[i] for i in row] for row in idx.tolist()]
