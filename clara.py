@@ -124,6 +124,7 @@ class Clara(nn.Module):
         """Wrap a loaded base decoder: add CLaRa's tokens, grow the vocabulary, add the adapters."""
         super().__init__()
         self.cfg, self.tok, self.base_path = cfg, tokenizer, base_path
+        self.base_trained = False  # set by trainable_parameters(train_base=True): save the base weights too
         self.base_vocab = tokenizer.vocab_size
         M = cfg.n_mem
         mem_tokens = [f"<MEM{i}>" for i in range(M)]
@@ -172,15 +173,23 @@ class Clara(nn.Module):
         mem = self.mem_embeddings.to(x.dtype)[(ids - m0).clamp(0, M - 1)]  # (B, T, H)
         return torch.where(is_mem[..., None], mem, x)
 
-    def trainable_parameters(self, stage: int) -> dict[str, nn.Parameter]:
-        """Mark and return what trains in `stage` (CLARA_SPEC.md §5 table); everything else is frozen."""
+    def trainable_parameters(self, stage: int, train_base: bool = False) -> dict[str, nn.Parameter]:
+        """Mark and return what trains in `stage` (CLARA_SPEC.md §5 table); everything else is frozen.
+
+        train_base=True also trains every base weight: NOT the method (its base is always frozen), but what
+        a tiny model starting from random weights needs to learn anything in minutes (the CPU lab). The
+        checkpoint then carries the base weights too.
+        """
         self.requires_grad_(False)
         names = {1: ("encoder", "decoder"), 2: ("encoder", "decoder"), 3: ("query", "decoder")}[stage]
         params = {}
         for a in names:
-            params.update(self.model.adapter_parameters(a))
+            params.update({f"model.{k}": v for k, v in self.model.adapter_parameters(a).items()})
         if stage == 1:
             params["mem_embeddings"] = self.mem_embeddings
+        if train_base:
+            params.update({f"model.{k}": v for k, v in self.model.named_parameters() if "lora_" not in k})
+            self.base_trained = True
         for p in params.values():
             p.requires_grad_(True)
         return params
@@ -269,13 +278,14 @@ class Clara(nn.Module):
 
     # -- batches and the three stage losses --------------------------------------------------------
 
-    def collate(self, records: list[dict], stage: int, rng: random.Random | None = None) -> dict:
+    def collate(self, records: list[dict], stage: int, seed: int = 0) -> dict:
         """Validated records (data.py) -> the tensors of one batch.
 
         stage 1: {"data_type", "question", "answers", "docs"} one document each
         stage 2: {"question", "docs" (K), "answer"}; stage 3: {"question", "docs" (N), "answer", "pos_index"}
+        The paraphrase template is drawn per record from (seed, the record's file:line), so it does not
+        depend on how records are grouped into batches or ranks.
         """
-        rng = rng or random.Random(0)
         docs = [d for r in records for d in r["docs"]]
         k = len(records[0]["docs"])
         if any(len(r["docs"]) != k for r in records):
@@ -283,7 +293,8 @@ class Clara(nn.Module):
                              f"{[len(r['docs']) for r in records]}")
         enc_ids, enc_mask, truncated = self.tokenize_documents(docs)
         prompts, targets = [], []
-        for r in records:
+        for i, r in enumerate(records):
+            rng = random.Random(f"{seed}:{r.get('_where', i)}")
             if stage == 1 and r["data_type"] == "qa":
                 p, t = build_prompt("qa", self.mem_slots, qa=list(zip(r["question"], r["answers"])))
             elif stage == 1:
@@ -301,6 +312,10 @@ class Clara(nn.Module):
             q_ids, q_mask, _ = self.tokenize_documents([r["question"] for r in records])
             batch.update(q_ids=q_ids, q_mask=q_mask, pos_index=[r.get("pos_index") for r in records])
         return batch
+
+    def forward(self, batch: dict, stage: int) -> dict:
+        """The training forward is the stage loss (FSDP's hooks run around a module's forward)."""
+        return self.loss(batch, stage)
 
     def loss(self, batch: dict, stage: int) -> dict:
         """One stage's loss pieces: {"ce_sum", "n_tokens", "mse", ...}; see `total_loss`."""
@@ -431,18 +446,24 @@ class Clara(nn.Module):
     # -- checkpoints ----------------------------------------------------------------------------------
 
     def state_to_save(self) -> dict[str, torch.Tensor]:
-        """What a CLaRa checkpoint holds: every adapter, the <MEMi> rows, and all added-token rows."""
+        """What a CLaRa checkpoint holds: every adapter, the <MEMi> rows, and all added-token rows.
+
+        Under FSDP every rank must call this (sharded parameters are gathered with a collective).
+        """
+        full = lambda t: (t.full_tensor() if hasattr(t, "full_tensor") else t).detach()  # DTensor -> tensor
         sd = {}
         for a in self.model.adapters:
-            sd.update({k: v.detach() for k, v in self.model.adapter_parameters(a).items()})
-        sd["mem_embeddings"] = self.mem_embeddings.detach()
+            sd.update({k: full(v) for k, v in self.model.adapter_parameters(a).items()})
+        sd["mem_embeddings"] = full(self.mem_embeddings)
         V0 = int(self.mem_ids[0])
-        sd["added_embeddings"] = self.model.tok_embeddings.weight[V0:].detach()
+        sd["added_embeddings"] = full(self.model.tok_embeddings.weight)[V0:]
         if not self.model.cfg.tie_embeddings:
-            sd["added_lm_head"] = self.model.output.weight[V0:].detach()
+            sd["added_lm_head"] = full(self.model.output.weight)[V0:]
+        if self.base_trained:  # the whole base, under "base." (written as an HF directory by save_pretrained)
+            sd.update({f"base.{k}": full(v) for k, v in self.model.named_parameters() if "lora_" not in k})
         return {k: v.contiguous().cpu() for k, v in sd.items()}
 
-    def save_pretrained(self, path: str | Path, extra: dict | None = None):
+    def save_pretrained(self, path: str | Path, extra: dict | None = None, state: dict | None = None):
         """Write `clara_config.json` + `clara.safetensors` + `tokenizer.json`, atomically.
 
         Everything is written into a temporary sibling directory which then replaces `path` by renames, so a
@@ -454,9 +475,18 @@ class Clara(nn.Module):
         if tmp.exists():
             _rmtree(tmp)
         tmp.mkdir(parents=True)
-        save_file(self.state_to_save(), tmp / "clara.safetensors")
-        self.tok.save(tmp)
+        state = state if state is not None else self.state_to_save()
         base = str(Path(self.base_path).resolve()) if self.base_path else None
+        if any(k.startswith("base.") for k in state):  # a trained base travels inside the checkpoint
+            V0 = int(self.mem_ids[0])
+            base_sd = {k[5:]: v[:V0] if k[5:] in ("tok_embeddings.weight", "output.weight") else v
+                       for k, v in state.items() if k.startswith("base.")}
+            self.model.save_pretrained(tmp / "base", state=base_sd, vocab_size=V0)
+            Tokenizer.from_pretrained(self.base_path).save(tmp / "base")
+            state = {k: v for k, v in state.items() if not k.startswith("base.")}
+            base = "base"  # relative: resolved against the checkpoint directory
+        save_file(state, tmp / "clara.safetensors")
+        self.tok.save(tmp)
         meta = {"clara": asdict(self.cfg), "base_model": base, "adapters": sorted(self.model.adapters),
                 **(extra or {})}
         (tmp / "clara_config.json").write_text(json.dumps(meta, indent=2))
@@ -500,6 +530,8 @@ def _load_native(cls, path, base_model, dtype, device, compr_rate, training_stag
     if training_stage is not None:
         cfg.training_stage = training_stage
     base = base_model or meta.get("base_model")
+    if base == "base":  # the checkpoint carries its own (trained) base
+        base = path / "base"
     if base is None or not Path(str(base)).is_dir():
         raise FileNotFoundError(f"{path}: base model {base!r} is not a directory; pass base_model=DIR")
     tok = Tokenizer.from_pretrained(path)

@@ -1,4 +1,15 @@
-"""Text in, token ids out: the tokenizer wrapper, the chat format, padding, and (below) the data readers.
+"""Text in, token ids out: the tokenizer, the chat format and padding; the data readers; a synthetic corpus.
+
+Three sections, top to bottom:
+
+    Tokenizer, chat, left_pad, train_tokenizer   tokenizer.json wrapper, prompt strings, padding, tiny BPE
+    validate_record, JsonlDataset, batches       the official JSONL formats (CLARA_SPEC.md §6), checked
+                                                 record by record and streamed in a resumable, sharded order
+    make_synthetic                               invented people and facts in those formats, for the CPU lab
+
+Command line: `python data.py synth --out DIR` writes a synthetic set; `python data.py check --stage S
+FILE...` validates files. The shipped sample data/sample/stage{1,2,3}.jsonl is the training part of
+`make_synthetic(DIR, seed=0, n_train_entities=100, n_test_entities=20, k=5, n_candidates=8)`.
 
 Tokenizer: a thin wrapper over `tokenizers.Tokenizer` loaded from a checkpoint's `tokenizer.json`. CLaRa
 appends special tokens after the base vocabulary (CLARA_SPEC.md §2: `<MEM0>..<MEM{n-1}>`, `<AE>`, `<ENC>`,
@@ -13,8 +24,10 @@ special token of the tokenizer's own (no automatic BOS).
 from __future__ import annotations
 
 import json
+from array import array
 from pathlib import Path
 
+import numpy as np
 import torch
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as HFTokenizer
@@ -111,3 +124,540 @@ def train_tokenizer(texts, vocab_size: int = 1000) -> Tokenizer:
                                   initial_alphabet=alphabet, show_progress=False)
     tok.train_from_iterator(texts, trainer)
     return Tokenizer(tok, "<trained>")
+
+
+# ---- readers: the official JSONL formats, validated, streamed --------------------------------------------
+#
+# One JSON object per line (CLARA_SPEC.md §6). Every record is checked and normalised to one fixed set of
+# keys before the model sees it, so that a malformed line fails loudly with its file, line and field
+# instead of training on garbage: the official loader, given "docs": "some text", iterates the string and
+# trains on single characters as documents.
+
+STAGE_KEYS = {1: ("data_type", "question", "answers", "docs"),
+              2: ("question", "docs", "answer"),
+              3: ("question", "docs", "answer", "pos_index")}
+DOC_KEYS = ("docs", "context", "content")  # the official loader's fallbacks, in its order
+
+
+class DataError(ValueError):
+    """A record that does not follow the format of its stage; the message starts with `path:line`."""
+
+
+def _found(x) -> str:
+    """The JSON type of a value, for error messages ("found a string")."""
+    if isinstance(x, bool):  # before int: bool is an int subclass
+        return "a boolean"
+    names = {str: "a string", list: "a list", dict: "an object", int: "a number", float: "a number"}
+    return "null" if x is None else names.get(type(x), type(x).__name__)
+
+
+def _str_list(obj: dict, key: str, where: str, what: str) -> list[str]:
+    """obj[key] as a list of non-empty strings; a bare string is the classic mistake, named as such."""
+    value = obj[key]
+    if isinstance(value, str):
+        raise DataError(f"{where}: field '{key}': expected a list of {what}s, found a string (the official "
+                        f"loader would iterate it character by character); write [\"...\"]")
+    if not isinstance(value, list):
+        raise DataError(f"{where}: field '{key}': expected a list of {what}s, found {_found(value)}")
+    for i, x in enumerate(value):
+        if not isinstance(x, str):
+            raise DataError(f"{where}: field '{key}[{i}]': expected a {what} string, found {_found(x)}")
+        if not x.strip():
+            raise DataError(f"{where}: field '{key}[{i}]': empty {what} (the string is empty or only whitespace)")
+    return value
+
+
+def _nonempty_str(obj: dict, key: str, where: str, what: str) -> str:
+    value = obj[key]
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field '{key}': expected a {what} string, found {_found(value)}")
+    if not value.strip():
+        raise DataError(f"{where}: field '{key}': empty {what} (the string is empty or only whitespace)")
+    return value
+
+
+def _docs(obj: dict, stage: int, where: str) -> list[str]:
+    key = next((k for k in DOC_KEYS if k in obj), None)
+    if key is None:
+        raise DataError(f"{where}: missing field 'docs' (also accepted: 'context', 'content'); "
+                        f"the record has {sorted(obj)}")
+    docs = _str_list(obj, key, where, "document")
+    if not docs:
+        raise DataError(f"{where}: field '{key}': empty list, expected at least one document")
+    if stage == 1 and len(docs) != 1:
+        raise DataError(f"{where}: field '{key}': stage 1 takes exactly one document per record, found {len(docs)}")
+    return docs
+
+
+def _answer(obj: dict, where: str) -> str:
+    """The target of a stage-2/3 record, with the official fallbacks: answer, answers[0], golden_answers[0].
+
+    `gold_answer` (str or list) comes last: the format documents it but the official loader rejects
+    records that carry only it (CLARA_SPEC.md §9); we take it.
+    """
+    if "answer" in obj:
+        return _nonempty_str(obj, "answer", where, "answer")
+    for key in ("answers", "golden_answers"):
+        if key in obj:
+            answers = _str_list(obj, key, where, "answer")
+            if not answers:
+                raise DataError(f"{where}: field '{key}': empty list, expected at least one answer")
+            return answers[0]
+    if "gold_answer" in obj:
+        if isinstance(obj["gold_answer"], list):
+            answers = _str_list(obj, "gold_answer", where, "answer")
+            if not answers:
+                raise DataError(f"{where}: field 'gold_answer': empty list, expected at least one answer")
+            return answers[0]
+        return _nonempty_str(obj, "gold_answer", where, "answer")
+    raise DataError(f"{where}: missing field 'answer' (also accepted: 'answers', 'golden_answers', "
+                    f"'gold_answer'); the record has {sorted(obj)}")
+
+
+def _pos_index(obj: dict, n_docs: int, where: str) -> list[int] | None:
+    """Indices of the documents that hold the answer (stage 3; only used to log retrieval recall)."""
+    value = obj.get("pos_index")
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise DataError(f"{where}: field 'pos_index': expected a list of document indices, found {_found(value)}")
+    for i, p in enumerate(value):
+        if isinstance(p, bool) or not isinstance(p, int):
+            raise DataError(f"{where}: field 'pos_index[{i}]': expected an integer index, found {_found(p)} {p!r}")
+        if not 0 <= p < n_docs:
+            raise DataError(f"{where}: field 'pos_index[{i}]': index {p} is out of range for {n_docs} documents "
+                            f"(0-based, expected 0..{n_docs - 1})")
+    if len(set(value)) != len(value):
+        raise DataError(f"{where}: field 'pos_index': repeated index in {value}")
+    return value
+
+
+def validate_record(obj, stage: int, where: str) -> dict:
+    """Check one parsed record of `stage` and normalise it to STAGE_KEYS[stage] plus "_where" ("path:line").
+
+    Stage 1: data_type "qa" needs `question` and `answers`, lists of equal length >= 1; "paraphrase" needs
+    `answers` (answers[0] is the target) and its `question` is ignored (normalised to []). Exactly one
+    document. Stages 2 and 3: `question` a string, the answer through the official fallbacks, k (or N)
+    documents; stage 3's `pos_index` is optional (None when absent). Fields not named here are ignored.
+    Raises DataError naming `where` and the field.
+    """
+    if stage not in STAGE_KEYS:
+        raise ValueError(f"stage must be 1, 2 or 3, got {stage!r}")
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object per line, found {_found(obj)}")
+    docs = _docs(obj, stage, where)
+    if stage == 1:
+        if "data_type" not in obj:
+            raise DataError(f"{where}: missing field 'data_type' (\"qa\" or \"paraphrase\")")
+        kind = obj["data_type"]
+        if kind not in ("qa", "paraphrase"):
+            raise DataError(f"{where}: field 'data_type': expected \"qa\" or \"paraphrase\", found {kind!r}")
+        if "answers" not in obj:
+            raise DataError(f"{where}: missing field 'answers' (a list of strings)")
+        answers = _str_list(obj, "answers", where, "answer")
+        if kind == "paraphrase":
+            if not answers:
+                raise DataError(f"{where}: field 'answers': empty list, a paraphrase record needs answers[0]")
+            return {"data_type": kind, "question": [], "answers": answers, "docs": docs, "_where": where}
+        if "question" not in obj:
+            raise DataError(f"{where}: missing field 'question' (a list of strings, one per answer)")
+        questions = _str_list(obj, "question", where, "question")
+        if len(questions) != len(answers) or not questions:
+            raise DataError(f"{where}: fields 'question' and 'answers': a qa record needs lists of the same "
+                            f"length >= 1, found {len(questions)} questions and {len(answers)} answers")
+        return {"data_type": kind, "question": questions, "answers": answers, "docs": docs, "_where": where}
+    if "question" not in obj:
+        raise DataError(f"{where}: missing field 'question' (a string)")
+    record = {"question": _nonempty_str(obj, "question", where, "question"), "docs": docs,
+              "answer": _answer(obj, where)}
+    if stage == 3:
+        record["pos_index"] = _pos_index(obj, len(docs), where)
+    record["_where"] = where
+    return record
+
+
+def parse_record(line: bytes | str, stage: int, where: str) -> dict:
+    """One JSONL line -> a validated record (see validate_record)."""
+    if isinstance(line, bytes):
+        try:
+            line = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{where}: not valid UTF-8 ({e})") from None
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+    return validate_record(obj, stage, where)
+
+
+class JsonlDataset:
+    """Records of one stage from JSONL files, read one at a time by seeking (a file is never loaded whole).
+
+    Construction makes ONE pass over the files and keeps the byte offset (int64) and line number of every
+    non-empty line; blank lines are skipped. That is 20 bytes a record: ~40 MB for 2M records. Records are
+    parsed and validated when they are read, so a bad line fails when its turn comes; `check()` validates
+    everything up front (also `python data.py check`).
+    """
+
+    def __init__(self, paths, stage: int):
+        if stage not in STAGE_KEYS:
+            raise ValueError(f"stage must be 1, 2 or 3, got {stage!r}")
+        self.paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
+        self.stage = stage
+        offsets, lines, files = array("q"), array("q"), array("i")
+        for fi, path in enumerate(self.paths):
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: stage-{stage} data file not found")
+            with open(path, "rb") as f:
+                pos = 0
+                for n, raw in enumerate(f, start=1):
+                    if raw.strip():
+                        offsets.append(pos)
+                        lines.append(n)
+                        files.append(fi)
+                    pos += len(raw)
+        self.offsets = np.frombuffer(offsets, dtype=np.int64)  # byte offset of each record in its file
+        self.lines = np.frombuffer(lines, dtype=np.int64)      # 1-based line number, for error messages
+        self.files = np.frombuffer(files, dtype=np.int32)      # index into self.paths
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def _read(self, i: int, handles: dict) -> dict:
+        fi = int(self.files[i])
+        if fi not in handles:
+            handles[fi] = open(self.paths[fi], "rb")
+        f = handles[fi]
+        f.seek(int(self.offsets[i]))
+        return parse_record(f.readline(), self.stage, f"{self.paths[fi]}:{int(self.lines[i])}")
+
+    def __getitem__(self, i: int) -> dict:
+        handles = {}
+        try:
+            return self._read(range(len(self))[i], handles)  # range: negative indices and bounds checks
+        finally:
+            for f in handles.values():
+                f.close()
+
+    def per_rank(self, world: int = 1) -> int:
+        """Records each rank sees per epoch: len // world (the tail is dropped, see `order`)."""
+        return len(self) // world
+
+    def order(self, epoch: int, seed: int, rank: int = 0, world: int = 1) -> np.ndarray:
+        """Indices of this rank's records for one epoch, in reading order.
+
+        A permutation drawn from (seed, epoch), cut to a multiple of `world` (the last len % world records
+        of the permutation are dropped, a different few each epoch) so that every rank gets the same count,
+        then dealt out perm[rank::world]: the ranks' shares are disjoint and together cover the cut.
+        """
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is not in 0..{world - 1} (world size {world})")
+        if seed < 0 or epoch < 0:
+            raise ValueError(f"seed and epoch must be >= 0, got seed={seed} epoch={epoch}")
+        perm = np.random.default_rng([seed, epoch]).permutation(len(self))
+        return perm[: self.per_rank(world) * world][rank::world]
+
+    def records(self, epoch: int, seed: int, rank: int = 0, world: int = 1, start: int = 0):
+        """Yield this rank's validated records for `epoch`, from position `start` of its sequence.
+
+        `records(e, s, start=p)` yields exactly `list(records(e, s))[p:]`: resuming mid-epoch needs only
+        the position. See `order` for the shuffle and the sharding (every rank gets len // world records).
+        """
+        if start < 0:
+            raise ValueError(f"start must be >= 0, got {start}")
+        handles = {}
+        try:
+            for i in self.order(epoch, seed, rank, world)[start:]:
+                yield self._read(int(i), handles)
+        finally:
+            for f in handles.values():
+                f.close()
+
+    def check(self, max_errors: int = 100) -> list[str]:
+        """Validate every record in file order; return the error messages (at most `max_errors`)."""
+        errors, handles = [], {}
+        try:
+            for i in range(len(self)):
+                try:
+                    self._read(i, handles)
+                except DataError as e:
+                    errors.append(str(e))
+                    if len(errors) >= max_errors:
+                        break
+        finally:
+            for f in handles.values():
+                f.close()
+        return errors
+
+
+def batches(dataset: JsonlDataset, batch_size: int, epoch: int, seed: int, rank: int = 0, world: int = 1,
+            start_batch: int = 0):
+    """Yield lists of `batch_size` validated records (this rank's share, see JsonlDataset.order).
+
+    The incomplete last batch is dropped; every rank has the same record count, hence the same number of
+    batches. `start_batch` resumes exactly. All records of a batch must have the same number of documents
+    (the encoder compresses them as one (B*k) block): DataError otherwise, naming both records.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    batch = []
+    for r in dataset.records(epoch, seed, rank, world, start=start_batch * batch_size):
+        if batch and len(r["docs"]) != len(batch[0]["docs"]):
+            raise DataError(f"{r['_where']}: field 'docs': {len(r['docs'])} documents, but {batch[0]['_where']} "
+                            f"in the same batch has {len(batch[0]['docs'])}; every record of a batch needs the "
+                            f"same number of documents (split the data by document count)")
+        batch.append(r)
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+
+
+# ---- a synthetic corpus for the CPU lab -------------------------------------------------------------------
+#
+# Made-up people with 2-4 facts each, one short document per person. Everything is invented (names are
+# built from syllables), so a model can only answer from the documents, never from what it already knows;
+# and the held-out people (other families, other surnames) never appear in the training files. Families
+# share a surname and first names repeat, so the distractors of a question are people with SIMILAR names
+# and the same kind of facts: retrieval has to read the name, not just the topic.
+
+_FIRST = ["ka", "lo", "mi", "re", "ta", "vo", "ni", "sa", "be", "do", "fe", "ga", "ju", "li", "ma", "no", "pe",
+          "ri", "su", "te", "va", "zo"]
+_FIRST_END = ["", "n", "r", "l", "s"]
+_SURNAME = ["bran", "tel", "vor", "mek", "sil", "rok", "tam", "jun", "gast", "prel", "dov", "kesh", "lum", "nard",
+            "oss", "quin", "rav", "sev", "tor", "yell"]
+_PLACE_HEAD = ["Ar", "Bel", "Cor", "Dun", "El", "Fal", "Gil", "Hal", "Ist", "Kel", "Lor", "Mor", "Nor", "Ost",
+               "Pel", "Quen", "Ros", "Sel", "Tam", "Ul", "Ver", "Wyn"]
+_PLACE_TAIL = ["dale", "mere", "ford", "holm", "bury", "port", "stead", "wold"]
+_JOBS = ["baker", "carpenter", "teacher", "nurse", "painter", "farmer", "sailor", "doctor", "engineer",
+         "librarian", "potter", "tailor", "pilot", "chemist", "architect", "gardener", "musician", "lawyer",
+         "miner", "weaver", "jeweler", "butcher", "writer", "astronomer"]
+_COMPANY = (["Silver", "Golden", "Red", "Blue", "Green", "Iron", "Stone", "Oak", "River", "North", "South",
+             "White"],
+            ["Lantern", "Anchor", "Crown", "Bridge", "Harbor", "Arrow", "Falcon", "Garden", "Hammer", "Tower"],
+            ["Press", "Works", "Mills", "Bakery", "Studio", "Foundry", "Company", "Shipyard"])
+
+# Sentences per fact group. {S} is the subject at the start of a sentence, {s} inside one: the person's
+# name in the first sentence of a document, a pronoun after it. Documents use one variant, paraphrases
+# another, so a paraphrase says the same facts in other words and another order.
+_SENTENCES = {
+    "birth": ["{S} was born in {place} in {year}.", "{S} was born in {year} in the town of {place}.",
+              "In {year}, {s} was born in {place}.", "{place} is where {s} was born, back in {year}."],
+    "job": ["{S} works as {a_job}.", "{S} is {a_job} by trade.", "By profession, {s} is {a_job}."],
+    "home": ["{S} lives in {home}.", "{S} now lives in {home}.", "These days {s} makes a home in {home}."],
+    "founded": ["{S} founded {company} in {fyear}.", "In {fyear}, {s} founded {company}.",
+                "{company} was started in {fyear}, and {s} was its founder."],
+    "mentor": ["{S} studied under {mentor}.", "{S} learned the craft from {mentor}.",
+               "As a student, {s} studied under {mentor}."],
+}
+# Question phrasings per answerable item; {n} is the full name. Every answer is a short span of the document.
+_QUESTIONS = {
+    "place": ["Where was {n} born?", "In which town was {n} born?"],
+    "year": ["In what year was {n} born?", "When was {n} born?"],
+    "job": ["What does {n} work as?", "What is the occupation of {n}?"],
+    "home": ["Where does {n} live?", "In which town does {n} live now?"],
+    "company": ["What did {n} found?", "Which company was founded by {n}?"],
+    "fyear": ["In what year did {n} found {company}?", "When did {n} found {company}?"],
+    "mentor": ["Who did {n} study under?", "Who was the teacher of {n}?"],
+}
+_ITEMS = {"birth": ("place", "year"), "job": ("job",), "home": ("home",), "founded": ("company", "fyear"),
+          "mentor": ("mentor",)}
+
+
+def _render(person: dict, order: list[str], variants: dict) -> str:
+    """The sentences of `order` (fact groups) with the chosen template variant of each, name first."""
+    pron = person["pronoun"]
+    values = {**person["facts"], "a_job": None}
+    if "job" in values:
+        values["a_job"] = ("an " if values["job"][0] in "aeiou" else "a ") + values["job"]
+    out = []
+    for j, group in enumerate(order):
+        subject = person["name"] if j == 0 else pron
+        out.append(_SENTENCES[group][variants[group]].format(S=subject if j == 0 else pron.capitalize(),
+                                                             s=subject, **values))
+    return " ".join(out)
+
+
+def _people(rng, n: int, firsts: list[str], used_surnames: set, places: list[str]) -> list[dict]:
+    """n people in families of 2-4 sharing a new surname, each with 2-4 fact groups."""
+    people = []
+    while len(people) < n:
+        for _ in range(100_000):  # a surname no family has had, in this split or the other
+            surname = "".join(rng.choice(_SURNAME) for _ in range(rng.choice((2, 2, 3)))).capitalize()
+            if surname not in used_surnames:
+                used_surnames.add(surname)
+                break
+        else:  # 20^2 + 20^3 surnames, 2-4 people each
+            raise ValueError(f"make_synthetic: out of surnames after {len(used_surnames)} families; ask for "
+                             f"fewer entities (about 20,000 fit)")
+        for first in rng.sample(firsts, min(rng.randint(2, 4), n - len(people))):
+            year = rng.randint(1900, 1990)
+            place, home = rng.sample(places, 2)
+            facts = {"place": place, "year": str(year), "job": rng.choice(_JOBS), "home": home,
+                     "company": " ".join(rng.choice(part) for part in _COMPANY),
+                     "fyear": str(rng.randint(year + 20, min(year + 50, 2020)))}
+            groups = rng.sample(sorted(_ITEMS), rng.randint(2, 4))
+            people.append({"name": f"{first} {surname}", "first": first, "surname": surname,
+                           "pronoun": rng.choice(("he", "she")), "facts": facts, "groups": groups})
+    for p in people:  # mentors come from the same split (a held-out name never enters the training files)
+        if "mentor" in p["groups"]:
+            p["facts"]["mentor"] = rng.choice([q for q in people if q is not p])["name"]
+        p["facts"] = {k: v for k, v in p["facts"].items() if any(k in _ITEMS[g] for g in p["groups"])}
+        # The document, and a paraphrase of it: other template variants, other order when possible.
+        doc_var = {g: rng.randrange(len(_SENTENCES[g])) for g in p["groups"]}
+        para_var = {g: rng.choice([v for v in range(len(_SENTENCES[g])) if v != doc_var[g]]) for g in p["groups"]}
+        order = p["groups"][:]
+        while order == p["groups"]:
+            rng.shuffle(order)
+        p["doc"] = _render(p, p["groups"], doc_var)
+        p["paraphrase"] = _render(p, order, para_var)
+        p["items"] = [item for g in p["groups"] for item in _ITEMS[g]]
+    return people
+
+
+def _question(rng, person: dict, item: str) -> str:
+    return rng.choice(_QUESTIONS[item]).format(n=person["name"], company=person["facts"].get("company"))
+
+
+def _distractors(rng, person: dict, item: str, answer: str, people: list[dict], index: dict, n: int) -> list[str]:
+    """n documents of OTHER people that do not contain `answer`, as similar to `person` as possible.
+
+    Tiers, in order: the same family (surname), the same first name, anyone with a fact of the same kind,
+    anyone. Within a tier the order is random.
+    """
+    group = next(g for g, items in _ITEMS.items() if item in items)
+    chosen, seen = [], {person["name"]}
+    needle = answer.lower()
+    tiers = [[q for q in index["surname"][person["surname"]] if group in q["groups"]],
+             [q for q in index["first"][person["first"]] if group in q["groups"]]]
+    tiers = [rng.sample(t, len(t)) for t in tiers]
+    tiers += [(rng.choice(index["group"][group]) for _ in range(20 * n)), (rng.choice(people) for _ in range(20 * n)),
+              people]  # the last tier is exhaustive, so a possible pick is always found
+    for tier in tiers:
+        for q in tier:
+            if len(chosen) == n:
+                return chosen
+            if q["name"] not in seen and needle not in q["doc"].lower():
+                seen.add(q["name"])
+                chosen.append(q["doc"])
+    if len(chosen) < n:
+        raise ValueError(f"make_synthetic: only {len(chosen)} of {n} distractors for {person['name']!r} avoid the "
+                         f"answer {answer!r}; generate more entities")
+    return chosen
+
+
+def _records(rng, people: list[dict], k: int, n_candidates: int, questions_per_entity: int):
+    """Stage-2 and stage-3 records: questions with k documents / with N candidates and pos_index."""
+    index = {"surname": {}, "first": {}, "group": {}}
+    for p in people:
+        index["surname"].setdefault(p["surname"], []).append(p)
+        index["first"].setdefault(p["first"], []).append(p)
+        for g in p["groups"]:
+            index["group"].setdefault(g, []).append(p)
+    stage2, stage3 = [], []
+    for p in people:
+        for item in rng.sample(p["items"], min(questions_per_entity, len(p["items"]))):
+            answer = p["facts"][item]
+            docs = _distractors(rng, p, item, answer, people, index, k - 1) + [p["doc"]]
+            rng.shuffle(docs)
+            stage2.append({"question": _question(rng, p, item), "docs": docs, "answer": answer,
+                           "gold_answer": answer})
+            # Sometimes the paraphrase is a second positive: pos_index is a list, recall is over all of it.
+            positives = [p["doc"], p["paraphrase"]] if rng.random() < 0.3 else [p["doc"]]
+            docs = positives + _distractors(rng, p, item, answer, people, index, n_candidates - len(positives))
+            perm = rng.sample(range(n_candidates), n_candidates)  # candidate j goes to position perm[j]
+            shuffled = [None] * n_candidates
+            for j, d in enumerate(docs):
+                shuffled[perm[j]] = d
+            stage3.append({"question": _question(rng, p, item), "docs": shuffled, "answer": answer,
+                           "pos_index": sorted(perm[:len(positives)])})
+    return stage2, stage3
+
+
+def make_synthetic(out_dir, seed: int = 0, n_train_entities: int = 1000, n_test_entities: int = 200, k: int = 5,
+                   n_candidates: int = 8, questions_per_entity: int = 1) -> dict:
+    """Write a synthetic data set in the official formats; deterministic for a seed. Returns the counts.
+
+    out_dir/stage1.jsonl       per training person: one "qa" record (a question and answer per fact) and
+                               one "paraphrase" record (answers[0] = the same facts in other words), mixed
+    out_dir/stage2.jsonl       `questions_per_entity` questions per person, each with k documents: the
+                               person's and k-1 distractors (similar people, without the answer string)
+    out_dir/stage3.jsonl       the same questions with N candidates; pos_index = the person's document
+                               (and 30% of the time its paraphrase too)
+    out_dir/test_stage2.jsonl, test_stage3.jsonl   the same for held-out people (other families)
+    out_dir/corpus.txt         the training documents and their paraphrases, one per line (tokenizer / LM)
+    """
+    if min(k, n_candidates) < 2 or questions_per_entity < 1:
+        raise ValueError(f"make_synthetic: need k >= 2, n_candidates >= 2, questions_per_entity >= 1; got k={k}, "
+                         f"n_candidates={n_candidates}, questions_per_entity={questions_per_entity}")
+    for name, n in (("n_train_entities", n_train_entities), ("n_test_entities", n_test_entities)):
+        if n and n < 2 * max(k, n_candidates):  # distractors need enough other people without the answer
+            raise ValueError(f"make_synthetic: {name}={n}; use 0 or at least 2 * max(k, n_candidates) = "
+                             f"{2 * max(k, n_candidates)}")
+    import random
+    rng = random.Random(seed)
+    firsts = sorted({(rng.choice(_FIRST) + rng.choice(_FIRST) + rng.choice(_FIRST_END)).capitalize()
+                     for _ in range(100)})
+    places = sorted({h + t for h in _PLACE_HEAD for t in _PLACE_TAIL})
+    places = rng.sample(places, 40)
+    used = set()
+    train = _people(rng, n_train_entities, firsts, used, places)
+    test = _people(rng, n_test_entities, firsts, used, places)
+
+    stage1 = []
+    for p in train:
+        questions = [_question(rng, p, item) for item in p["items"]]
+        stage1.append({"data_type": "qa", "question": questions, "answers": [p["facts"][i] for i in p["items"]],
+                       "docs": [p["doc"]]})
+        stage1.append({"data_type": "paraphrase", "question": [], "answers": [p["paraphrase"]], "docs": [p["doc"]]})
+    rng.shuffle(stage1)
+    stage2, stage3 = _records(rng, train, k, n_candidates, questions_per_entity)
+    test2, test3 = _records(rng, test, k, n_candidates, questions_per_entity)
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"stage1.jsonl": stage1, "stage2.jsonl": stage2, "stage3.jsonl": stage3,
+             "test_stage2.jsonl": test2, "test_stage3.jsonl": test3}
+    for name, rows in files.items():
+        with open(out / name, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    corpus = [p["doc"] for p in train] + [p["paraphrase"] for p in train]
+    (out / "corpus.txt").write_text("".join(t + "\n" for t in corpus), encoding="utf-8")
+    return {"train_entities": len(train), "test_entities": len(test), "corpus_lines": len(corpus),
+            **{name.removesuffix(".jsonl"): len(rows) for name, rows in files.items()}}
+
+
+def main(argv=None):
+    """`python data.py synth ...` writes a synthetic data set; `python data.py check ...` validates files."""
+    import argparse
+    p = argparse.ArgumentParser(description="CLaRa data: synthetic corpus generator and format checker",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("synth", help="write a synthetic data set (train and held-out) in the official formats",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s.add_argument("--out", required=True, help="output directory (created if missing)")
+    s.add_argument("--seed", type=int, default=0, help="random seed; the same seed writes the same files")
+    s.add_argument("--train", type=int, default=1000, help="number of training people (one document each)")
+    s.add_argument("--test", type=int, default=200, help="number of held-out people (other families)")
+    s.add_argument("--k", type=int, default=5, help="documents per stage-2 question")
+    s.add_argument("--candidates", type=int, default=8, help="candidate documents per stage-3 question")
+    s.add_argument("--questions", type=int, default=1, help="stage-2/3 questions per person (at most its facts)")
+    c = sub.add_parser("check", help="validate JSONL files against the format of a stage",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    c.add_argument("files", nargs="+", help="JSONL files")
+    c.add_argument("--stage", type=int, required=True, choices=(1, 2, 3), help="training stage of the format")
+    c.add_argument("--max-errors", type=int, default=20, help="stop after this many errors")
+    a = p.parse_args(argv)
+    if a.command == "synth":
+        counts = make_synthetic(a.out, a.seed, a.train, a.test, a.k, a.candidates, a.questions)
+        print(json.dumps(counts))
+        return 0
+    dataset = JsonlDataset(a.files, a.stage)
+    errors = dataset.check(a.max_errors)
+    if len(errors) == a.max_errors:
+        errors.append(f"(stopped after {a.max_errors} errors; --max-errors to see more)")
+    print("\n".join(errors) if errors else f"{len(dataset)} records: all valid for stage {a.stage}")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -158,7 +158,7 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.ParameterDict()
         self.lora: dict[str, LoRAConfig] = {}
 
-    def save_pretrained(self, path: str | Path):
+    def save_pretrained(self, path: str | Path, state: dict | None = None, vocab_size: int | None = None):
         """Write the base weights as an HF directory (config.json + model.safetensors), LoRA excluded.
 
         Used for models trained from a preset (the CPU lab): CLaRa checkpoints point at a base directory.
@@ -167,14 +167,16 @@ class LoRALinear(nn.Module):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         c = self.cfg
-        config = {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "vocab_size": c.vocab_size,
+        config = {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "vocab_size": vocab_size or c.vocab_size,
                   "hidden_size": c.dim, "num_hidden_layers": c.n_layers, "num_attention_heads": c.n_heads,
                   "num_key_value_heads": c.n_kv_heads, "head_dim": c.head_dim, "intermediate_size": c.intermediate_size,
                   "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta, "sliding_window": c.sliding_window,
                   "tie_word_embeddings": c.tie_embeddings, "bos_token_id": c.bos_id, "eos_token_id": c.eos_id,
                   "hidden_act": "silu", "torch_dtype": str(self.tok_embeddings.weight.dtype).replace("torch.", "")}
-        state = {hf_key(n): p.detach().contiguous().cpu() for n, p in self.named_parameters()
-                 if "lora_" not in n and not (n == "output.weight" and c.tie_embeddings)}
+        if state is None:  # `state`: our parameter names -> tensors, e.g. gathered from FSDP shards
+            state = {n: p.detach() for n, p in self.named_parameters() if "lora_" not in n}
+        state = {hf_key(n): t.contiguous().cpu() for n, t in state.items()
+                 if not (n == "output.weight" and c.tie_embeddings)}
         save_file(state, path / "model.safetensors")
         (path / "config.json").write_text(json.dumps(config, indent=2))
 
@@ -377,7 +379,7 @@ class Transformer(nn.Module):
             model.output.weight = model.tok_embeddings.weight
         return model.requires_grad_(False)
 
-    def save_pretrained(self, path: str | Path):
+    def save_pretrained(self, path: str | Path, state: dict | None = None, vocab_size: int | None = None):
         """Write the base weights as an HF directory (config.json + model.safetensors), LoRA excluded.
 
         Used for models trained from a preset (the CPU lab): CLaRa checkpoints point at a base directory.
@@ -386,14 +388,16 @@ class Transformer(nn.Module):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         c = self.cfg
-        config = {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "vocab_size": c.vocab_size,
+        config = {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "vocab_size": vocab_size or c.vocab_size,
                   "hidden_size": c.dim, "num_hidden_layers": c.n_layers, "num_attention_heads": c.n_heads,
                   "num_key_value_heads": c.n_kv_heads, "head_dim": c.head_dim, "intermediate_size": c.intermediate_size,
                   "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta, "sliding_window": c.sliding_window,
                   "tie_word_embeddings": c.tie_embeddings, "bos_token_id": c.bos_id, "eos_token_id": c.eos_id,
                   "hidden_act": "silu", "torch_dtype": str(self.tok_embeddings.weight.dtype).replace("torch.", "")}
-        state = {hf_key(n): p.detach().contiguous().cpu() for n, p in self.named_parameters()
-                 if "lora_" not in n and not (n == "output.weight" and c.tie_embeddings)}
+        if state is None:  # `state`: our parameter names -> tensors, e.g. gathered from FSDP shards
+            state = {n: p.detach() for n, p in self.named_parameters() if "lora_" not in n}
+        state = {hf_key(n): t.contiguous().cpu() for n, t in state.items()
+                 if not (n == "output.weight" and c.tie_embeddings)}
         save_file(state, path / "model.safetensors")
         (path / "config.json").write_text(json.dumps(config, indent=2))
 
@@ -410,6 +414,13 @@ class Transformer(nn.Module):
         for m in self.lora_layers():
             m.add_adapter(name, cfg, dtype)
         return self
+
+    def reset_adapter(self, name: str):
+        """Start an adapter afresh: A like nn.Linear, B = 0 (stage 2's new decoder adapter)."""
+        with torch.no_grad():
+            for m in self.lora_layers():
+                nn.init.kaiming_uniform_(m.lora_A[name], a=math.sqrt(5))
+                m.lora_B[name].zero_()
 
     def copy_adapter(self, src: str, dst: str):
         """dst := a copy of src (CLaRa's stage 3 starts the query reasoner from the encoder)."""
