@@ -315,6 +315,7 @@ def main(argv=None):
         n_tokens = torch.tensor(float(sum(int((m["dec"]["labels"] != -100).sum()) for m in micro)), device=device)
         if distributed:
             dist.all_reduce(n_tokens)
+        n_tokens.clamp_(min=1)  # a step whose targets were all cut by --max-len contributes no CE
         for g in opt.param_groups:
             g["lr"] = lr_at(step, total, a)
         torch.manual_seed(a.seed * 100003 + step * world + rank)  # LoRA dropout: a function of the step
