@@ -323,15 +323,15 @@ class Transformer(nn.Module):
 
     def init_weights(self, seed: int = 0, std: float = 0.02):
         """Random initialisation for models trained from scratch (the `tiny` preset)."""
-        g = torch.Generator(device="cpu").manual_seed(seed)
-        for name, p in self.named_parameters():
-            if "lora_" in name:
-                continue
-            with torch.no_grad():
+        g = torch.Generator(device=self.tok_embeddings.weight.device).manual_seed(seed)
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if "lora_" in name:
+                    continue
                 if name.endswith("norm.weight"):
                     p.fill_(1.0)
                 else:
-                    p.copy_(torch.randn(p.shape, generator=g) * std)
+                    p.normal_(0.0, std, generator=g)  # in place, on the parameter's device
         return self
 
     @classmethod

@@ -9,6 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
+# The Triton kernel runs under Triton's interpreter on a machine without CUDA. The switch is read when
+# kernels are defined, and transformers may import triton (through torch._dynamo) before kernels/flash.py
+# is imported: set it before anything else.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 torch.set_num_threads(min(2, os.cpu_count() or 1))
