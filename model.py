@@ -594,7 +594,7 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate(model: Transformer, input_ids=None, attention_mask=None, inputs_embeds=None,
              max_new_tokens: int = 64, adapter: str | None = None, temperature: float = 0.0,
              top_p: float = 1.0, eos_id: int | None = None, generator=None) -> list[list[int]]:
@@ -612,8 +612,9 @@ def generate(model: Transformer, input_ids=None, attention_mask=None, inputs_emb
     dtype = next(model.parameters()).dtype if inputs_embeds is None else inputs_embeds.dtype
     cache = KVCache(model.cfg, B, T + max_new_tokens, device, dtype)
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
-    logits = model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                   adapter=adapter, positions=positions, cache=cache)[:, -1]  # (B, V)
+    h = model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+              adapter=adapter, positions=positions, cache=cache, output="hidden")
+    logits = model.output(h[:, -1]).float()  # (B, V): only the last position is needed
     pos = positions[:, -1:] + 1  # (B, 1)
     out = torch.empty(B, max_new_tokens, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)

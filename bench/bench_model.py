@@ -2,10 +2,9 @@
 generation, reported as ratios measured in one run (this machine is shared and noisy: compare only within
 a run). Run by hand:  python bench/bench_model.py [--threads 2]
 
-Each measurement is the median of several repeats after a warm-up; ratios > 1 mean ours is faster.
+Each measurement is the best of several repeats after a warm-up, the two models alternating; ratios > 1 mean ours is faster.
 """
 import argparse
-import statistics
 import sys
 import tempfile
 import time
@@ -17,14 +16,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model import Transformer, generate  # noqa: E402
 
 
-def timeit(fn, repeats=5):
-    fn()  # warm-up
-    times = []
+def timeit_pair(fa, fb, repeats=7):
+    """Best-of-`repeats` seconds of two functions, run alternately so that both see the same machine load
+    (the minimum is the least noisy estimate on a shared machine)."""
+    fa(), fb()  # warm-up
+    ta, tb = [], []
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for f, ts in ((fa, ta), (fb, tb)):
+            t = time.perf_counter()
+            f()
+            ts.append(time.perf_counter() - t)
+    return min(ta), min(tb)
 
 
 def main():
@@ -50,24 +52,23 @@ def main():
     rows = []
 
     with torch.no_grad():
-        t_hf = timeit(lambda: hf(ids, attention_mask=mask).logits)
-        t_us = timeit(lambda: ours(ids, attention_mask=mask))
+        t_hf, t_us = timeit_pair(lambda: hf(ids, attention_mask=mask).logits, lambda: ours(ids, attention_mask=mask))
     rows.append(("forward", t_hf, t_us))
 
     # forward + backward: every weight trainable in both, the same scalar loss
     for m in (hf, ours):
         m.requires_grad_(True)
-    t_hf = timeit(lambda: hf(ids, attention_mask=mask).logits.logsumexp(-1).mean().backward(), 3)
-    t_us = timeit(lambda: ours(ids, attention_mask=mask).logsumexp(-1).mean().backward(), 3)
+    t_hf, t_us = timeit_pair(lambda: hf(ids, attention_mask=mask).logits.logsumexp(-1).mean().backward(),
+                             lambda: ours(ids, attention_mask=mask).logsumexp(-1).mean().backward(), 5)
     rows.append(("forward+backward", t_hf, t_us))
 
     short = ids[:, :64]
     smask = mask[:, :64].clone()
     smask[:, -8:] = 1
     kw = dict(max_new_tokens=a.new_tokens)
-    t_hf = timeit(lambda: hf.generate(short, attention_mask=smask, do_sample=False, eos_token_id=None,
-                                      pad_token_id=1, min_new_tokens=a.new_tokens, **kw), 3)
-    t_us = timeit(lambda: generate(ours, short, smask, eos_id=-1, **kw), 3)
+    t_hf, t_us = timeit_pair(lambda: hf.generate(short, attention_mask=smask, do_sample=False, eos_token_id=None,
+                                                 pad_token_id=1, min_new_tokens=a.new_tokens, **kw),
+                             lambda: generate(ours, short, smask, eos_id=-1, **kw), 5)
     rows.append((f"greedy generation ({a.new_tokens} tokens)", t_hf, t_us))
 
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {a.threads} threads, batch {a.batch}, "

@@ -65,6 +65,12 @@ def check_inputs(q, k, v, key_padding_mask=None, window=None):
 def sdpa_attention(q, k, v, causal=True, key_padding_mask=None, window=None, scale=None):
     """The portable path: PyTorch's scaled_dot_product_attention with an explicit boolean mask."""
     T, S = q.shape[2], k.shape[2]
+    if T == 1 and key_padding_mask is not None and (window is None or window >= S):
+        # Decoding one token: it is the last position, so causality hides nothing and the padding mask is
+        # the whole mask (the fast path of generation; a fully padded row is still caught below).
+        mask = key_padding_mask[:, None, None, :]  # (B, 1, 1, S)
+        if bool(mask[:, 0, 0, -1].all()):  # the query itself is a real key: every row sees something
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
     mask = visibility_mask(T, S, q.device, causal, window, key_padding_mask)
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
