@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -473,7 +474,7 @@ class Clara(nn.Module):
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
         if tmp.exists():
-            _rmtree(tmp)
+            shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
         state = state if state is not None else self.state_to_save()
         base = str(Path(self.base_path).resolve()) if self.base_path else None
@@ -490,14 +491,7 @@ class Clara(nn.Module):
         meta = {"clara": asdict(self.cfg), "base_model": base, "adapters": sorted(self.model.adapters),
                 **(extra or {})}
         (tmp / "clara_config.json").write_text(json.dumps(meta, indent=2))
-        old = path.with_name(path.name + ".old")
-        if path.exists():
-            if old.exists():
-                _rmtree(old)
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old.exists():
-            _rmtree(old)
+        replace_dir(tmp, path)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, base_model: str | Path | None = None, dtype=None, device=None,
@@ -639,9 +633,17 @@ def _load_official(cls, path, base_model, dtype, device, compr_rate):
     return clara
 
 
-def _rmtree(p: Path):
-    import shutil
-    shutil.rmtree(p)
+def replace_dir(tmp: Path, path: Path):
+    """Swap the finished directory `tmp` in for `path` with renames: at every instant one whole copy exists
+    (`path`, or `path.old` during the swap), so a crash never leaves only a half-written checkpoint."""
+    old = path.with_name(path.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old.exists():
+        shutil.rmtree(old)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -158,28 +158,6 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.ParameterDict()
         self.lora: dict[str, LoRAConfig] = {}
 
-    def save_pretrained(self, path: str | Path, state: dict | None = None, vocab_size: int | None = None):
-        """Write the base weights as an HF directory (config.json + model.safetensors), LoRA excluded.
-
-        Used for models trained from a preset (the CPU lab): CLaRa checkpoints point at a base directory.
-        """
-        from safetensors.torch import save_file
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        c = self.cfg
-        config = {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "vocab_size": vocab_size or c.vocab_size,
-                  "hidden_size": c.dim, "num_hidden_layers": c.n_layers, "num_attention_heads": c.n_heads,
-                  "num_key_value_heads": c.n_kv_heads, "head_dim": c.head_dim, "intermediate_size": c.intermediate_size,
-                  "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta, "sliding_window": c.sliding_window,
-                  "tie_word_embeddings": c.tie_embeddings, "bos_token_id": c.bos_id, "eos_token_id": c.eos_id,
-                  "hidden_act": "silu", "torch_dtype": str(self.tok_embeddings.weight.dtype).replace("torch.", "")}
-        if state is None:  # `state`: our parameter names -> tensors, e.g. gathered from FSDP shards
-            state = {n: p.detach() for n, p in self.named_parameters() if "lora_" not in n}
-        state = {hf_key(n): t.contiguous().cpu() for n, t in state.items()
-                 if not (n == "output.weight" and c.tie_embeddings)}
-        save_file(state, path / "model.safetensors")
-        (path / "config.json").write_text(json.dumps(config, indent=2))
-
     def add_adapter(self, name: str, cfg: LoRAConfig, dtype=None):
         device = self.weight.device
         dtype = dtype or torch.float32

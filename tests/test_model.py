@@ -300,3 +300,23 @@ def test_bad_inputs(tmp_path):
     (wrong / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
         Transformer.from_pretrained(wrong)
+
+
+def test_activation_checkpointing_really_saves_memory():
+    """With checkpointing, only each block's input is kept for backward, not its intermediate activations."""
+    m = Transformer(ModelConfig.from_preset("tiny", n_layers=4)).init_weights()
+    m.requires_grad_(False).add_adapter("a", LoRAConfig(dropout=0.0))
+    ids = torch.randint(0, 512, (2, 32))
+
+    def saved_bytes(ckpt):
+        m.activation_checkpointing = ckpt
+        total = [0]
+
+        def pack(t):
+            total[0] += t.numel() * t.element_size()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            m.train()(ids, adapter="a").sum()
+        return total[0]
+    plain, ckpt = saved_bytes(False), saved_bytes(True)
+    assert ckpt < 0.5 * plain, (ckpt, plain)
