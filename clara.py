@@ -99,7 +99,7 @@ PARAPHRASE_TEMPLATES = [
 
 def build_prompt(kind: str, docs: str, question: str = "", qa: list[tuple[str, str]] | None = None,
                  template: int = 0) -> tuple[str, str | None]:
-    """The one prompt builder: (system, user) for every kind of example, as chat text.
+    """The one prompt builder: the chat text of every kind of example (CLARA_SPEC.md §4).
 
     kind: "qa" (stage 1), "paraphrase" (stage 1), "answer" (stages 2/3 and inference), "closed_book".
     docs: the background, either memory slots ("<MEM0>..<MEM{M-1}><SEP>" per document) or raw text.
@@ -151,7 +151,7 @@ class Clara(nn.Module):
             model.add_adapter("query", cfg.lora)
         # The <MEMi> input embeddings train in stage 1 (CLARA_SPEC.md §2). Rather than a gradient mask over
         # the whole (V, H) embedding (and AdamW state for all of it), they live in their own (M, H)
-        # parameter and are written back into the embedding rows when a checkpoint is exported.
+        # parameter, used by `embed`, and are written into the embedding rows when a checkpoint is saved.
         emb = model.tok_embeddings.weight
         self.mem_embeddings = nn.Parameter(emb[ids[0]:ids[0] + M].detach().clone().float(), requires_grad=False)
 
@@ -455,9 +455,10 @@ class Clara(nn.Module):
         sd = {}
         for a in self.model.adapters:
             sd.update({k: full(v) for k, v in self.model.adapter_parameters(a).items()})
-        sd["mem_embeddings"] = full(self.mem_embeddings)
-        V0 = int(self.mem_ids[0])
-        sd["added_embeddings"] = full(self.model.tok_embeddings.weight)[V0:]
+        V0, M = int(self.mem_ids[0]), self.cfg.n_mem
+        added = full(self.model.tok_embeddings.weight)[V0:].clone()  # (M + 3, H): <MEMi>, <AE>, <ENC>, <SEP>
+        added[:M] = full(self.mem_embeddings).to(added.dtype)  # the trained <MEMi> rows
+        sd["added_embeddings"] = added
         if not self.model.cfg.tie_embeddings:
             sd["added_lm_head"] = full(self.model.output.weight)[V0:]
         if self.base_trained:  # the whole base, under "base." (written as an HF directory by save_pretrained)
@@ -546,9 +547,7 @@ def _assign_state(clara: Clara, sd: dict, where, adapters):
     V0 = int(clara.mem_ids[0])
     with torch.no_grad():
         for k, v in sd.items():
-            if k == "mem_embeddings":
-                target = clara.mem_embeddings
-            elif k == "added_embeddings":
+            if k == "added_embeddings":
                 target = clara.model.tok_embeddings.weight[V0:]
             elif k == "added_lm_head":
                 target = clara.model.output.weight[V0:]
@@ -559,6 +558,8 @@ def _assign_state(clara: Clara, sd: dict, where, adapters):
             if target.shape != v.shape:
                 raise ValueError(f"{where}: tensor {k!r} has shape {tuple(v.shape)}, expected {tuple(target.shape)}")
             target.copy_(v)
+            if k == "added_embeddings":  # the first M added rows are the trained <MEMi> embeddings
+                clara.mem_embeddings.copy_(v[:clara.cfg.n_mem])
     missing = [k for k in params if ".lora_" in k and k.rsplit(".", 1)[1] in adapters and k not in sd]
     if missing:
         raise KeyError(f"{where}: no tensor for {missing[:3]}")
