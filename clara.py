@@ -411,6 +411,12 @@ class Clara(nn.Module):
         prompts = [build_prompt("answer", "\n".join(d), question=q)[0] for q, d in zip(questions, documents)]
         return self._generate(prompts, None, max_new_tokens, adapter)
 
+    def generate_closed_book(self, questions: list[str], max_new_tokens: int = 128,
+                             adapter: str | None = None) -> list[str]:
+        """Answer with no documents at all (the closed-book baseline); the bare base model by default."""
+        prompts = [build_prompt("closed_book", "", question=q)[0] for q in questions]
+        return self._generate(prompts, None, max_new_tokens, adapter)
+
     def generate_from_paraphrase(self, questions: list[str], documents: list[list[str]], max_new_tokens: int = 128) -> list[str]:
         """Stage-1 (Base) checkpoints: regenerate each question's documents from their memory vectors."""
         k = self._check_docs(questions, documents)

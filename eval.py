@@ -425,7 +425,7 @@ def run_batch(clara: Clara, mode: str, batch: list[dict], k: int, max_new_tokens
     elif mode == "closed_book":
         used = [[] for _ in batch]
         prompts = [closed_book_prompt(q) for q in questions]
-        call = partial(clara._generate, prompts, None, max_new_tokens, adapter=opts.closed_book_adapter)
+        call = partial(clara.generate_closed_book, questions, max_new_tokens, adapter=opts.closed_book_adapter)
     elif mode == "retrieval":
         N = len(batch[0]["docs"])  # batches are cut where N changes (see `batches_of`)
         t0 = clock()
