@@ -107,17 +107,22 @@ def left_pad(rows: list[list[int]], pad_id: int, length: int | None = None) -> t
     return ids, mask
 
 
-def train_tokenizer(texts, vocab_size: int = 1000) -> Tokenizer:
+def train_tokenizer(texts, vocab_size: int = 1000, split_punctuation: bool = False) -> Tokenizer:
     """Train a small BPE tokenizer shaped like Mistral's, offline, for the tiny models of the CPU lab.
 
     `<unk>`=0, `<s>`=1, `</s>`=2 as in Mistral; Metaspace pre-tokenisation that prepends `▁` only at the
     very start of the text (the non-legacy conversion of Mistral v0.2), so text right after a special
     token gets no `▁`; pieces never cross a word boundary, so a prompt's tokens are a prefix of the
     prompt+answer tokens. The printable ASCII alphabet is always included, so nothing maps to <unk>.
+    split_punctuation=True also makes every punctuation mark its own piece, so that "Selford." in a
+    document and the answer "Selford" share the token "▁Selford": a tiny model then learns to answer by
+    copying a token instead of learning a token-to-token mapping (train.py --stage 0 uses it).
     """
     from tokenizers import decoders, models, pre_tokenizers, trainers
     tok = HFTokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    if split_punctuation:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([tok.pre_tokenizer, pre_tokenizers.Punctuation("isolated")])
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first", split=True)
     alphabet = [chr(c) for c in range(32, 127)] + ["▁", "\n"]
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],

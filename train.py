@@ -4,6 +4,11 @@
     torchrun --nproc_per_node=8 train.py --stage 1 --model /models/Mistral-7B-Instruct-v0.2 --data pretrain.jsonl
     torchrun --nproc_per_node=8 train.py --stage 2 --init out/stage1/checkpoint --data instruct.jsonl
     torchrun --nproc_per_node=8 train.py --stage 3 --init out/stage2/checkpoint --data e2e.jsonl
+    python train.py --stage 0 --data corpus.txt --out out/stage0   # CPU lab only: make a tiny base first
+
+Stage 0 is not part of CLaRa: the paper starts from a pretrained instruction model, while a preset starts
+from random weights. `--stage 0` trains the whole preset decoder as a plain language model on text and
+writes OUT/base, an HF directory that stages 1-3 then take as `--model` like any pretrained checkpoint.
 
 Distributed is detected from the environment (torchrun sets WORLD_SIZE): then FSDP2 shards every block and
 the root (`fully_shard`, MixedPrecisionPolicy: bf16 parameters, fp32 gradient reduction), NCCL on GPU and
@@ -35,14 +40,17 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from clara import Clara, ClaraConfig
-from data import DataError, JsonlDataset, Tokenizer, batches, train_tokenizer
+from clara import Clara, ClaraConfig, replace_dir
+from data import DataError, JsonlDataset, Tokenizer, batches, left_pad, train_tokenizer
 from model import ModelConfig, PRESETS, Transformer
 
 ROOT = Path(__file__).resolve().parent
 
 # Official hyper-parameters (CLARA_SPEC.md §5); every one can be overridden on the command line.
 STAGES = {
+    # Stage 0 (plain LM pretraining of the base) has no official values: the paper starts from Mistral-7B.
+    0: dict(lr=1e-3, min_lr=1e-4, schedule="cosine", warmup=0.03, global_batch=32, micro_batch=8, max_len=512,
+            doc_len=256, compr_rate=32, top_k=1, tau=0.02, epochs=1, mse_weight=0.0),
     1: dict(lr=1e-4, min_lr=1e-5, schedule="cosine", warmup=0.03, global_batch=128, micro_batch=2, max_len=2048,
             doc_len=256, compr_rate=32, top_k=1, tau=0.02, epochs=1, mse_weight=0.1),
     2: dict(lr=1e-4, min_lr=1e-5, schedule="cosine", warmup=0.03, global_batch=128, micro_batch=2, max_len=2048,
@@ -58,11 +66,13 @@ TINY = dict(lr=2e-3, min_lr=2e-4, warmup=0.05, global_batch=8, micro_batch=4, ma
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("what to train")
-    g.add_argument("--stage", type=int, choices=(1, 2, 3), required=True,
-                   help="1 compression pretraining, 2 instruction tuning, 3 end-to-end retrieval + generation")
+    g.add_argument("--stage", type=int, choices=(0, 1, 2, 3), required=True,
+                   help="1 compression pretraining, 2 instruction tuning, 3 end-to-end retrieval + generation; "
+                        "0 (not CLaRa) plain language-model pretraining of the base decoder on text")
     g.add_argument("--model", default="tiny", help=f"HF model directory (Mistral/Llama) or a preset: {sorted(PRESETS)}")
     g.add_argument("--data", nargs="+", default=None, help="JSONL file(s) in the official format of the stage "
-                   "(default: data/sample/stage{N}.jsonl)")
+                   "(default: data/sample/stage{N}.jsonl); stage 0: text files, one text per line, or .jsonl "
+                   "files of {\"text\": ...} (required)")
     g.add_argument("--out", default=None, help="output directory (default: out/stage{N})")
     g.add_argument("--init", default=None, help="previous stage's checkpoint (stage 2 from 1, stage 3 from 2)")
     g.add_argument("--resume", action="store_true", help="continue from OUT/resume exactly where it stopped")
@@ -106,6 +116,8 @@ def parse_args(argv=None):
                    "when the data has at most this many (larger data is validated as it is read)")
     g.add_argument("--vocab-size", type=int, default=1000, help="preset models: size of the BPE trained on the data")
     args = p.parse_args(argv)
+    if args.stage == 0 and not args.data:
+        p.error("--stage 0 needs --data (text to pretrain the base on; there is no sample)")
     args.data = args.data or [str(ROOT / f"data/sample/stage{args.stage}.jsonl")]
     args.out = Path(args.out or f"out/stage{args.stage}")
     preset = STAGES[args.stage] | (TINY if args.model in PRESETS and args.model != "mistral-7b" else {})
@@ -190,18 +202,6 @@ def shard(clara: Clara, dtype, device):
     return clara
 
 
-def swap_in(tmp: Path, path: Path):
-    """Replace directory `path` by the finished `tmp` with renames: at every instant one of them is whole."""
-    old = path.with_name(path.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    if old.exists():
-        shutil.rmtree(old)
-
-
 def save_all(clara, opt, a, step, position, rank):
     """The CLaRa checkpoint (rank 0 writes, all ranks gather) and the resumable state (all ranks write)."""
     import torch.distributed.checkpoint as dcp
@@ -225,7 +225,7 @@ def save_all(clara, opt, a, step, position, rank):
         dist.barrier()
     if rank == 0:
         (tmp / "position.json").write_text(json.dumps({"step": step, **position}))
-        swap_in(tmp, resume)
+        replace_dir(tmp, resume)
     if dist.is_initialized():
         dist.barrier()
 
@@ -248,6 +248,101 @@ def load_resume(clara, opt, a):
 
 
 # ----------------------------------------------------------------------------------------------------
+# Stage 0: make a base model (not CLaRa)
+
+def read_texts(paths) -> list[str]:
+    """Stage-0 text: a .jsonl file holds {"text": str} per line (texts with newlines, e.g. chat transcripts);
+    any other file holds one text per line. Blank lines are skipped."""
+    texts = []
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise SystemExit(f"{path}: stage-0 text file not found")
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            if path.suffix != ".jsonl":
+                texts.append(line)
+                continue
+            try:
+                text = json.loads(line)["text"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise SystemExit(f"{path}:{n}: expected a JSON object with a string field 'text'") from None
+            if not isinstance(text, str) or not text.strip():
+                raise SystemExit(f"{path}:{n}: field 'text' must be a non-empty string")
+            texts.append(text)
+    return texts
+
+
+def pretrain_base(a, device, dtype):
+    """Stage 0: train every weight of the base decoder as a plain language model, then save it as OUT/base.
+
+    A preset starts from random weights with a BPE tokenizer trained on the text; an HF directory continues
+    from its weights. Each text is read as "<s>{text}</s>" (a text that already starts with <s>, such as a
+    chat transcript, as it is), cut to max_len tokens, and the loss is next-token cross-entropy over every
+    token, normalised by the target tokens of the whole step. One process, no resume: minutes on a CPU.
+    """
+    import numpy as np
+    import torch.nn.functional as F
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 or a.resume:
+        raise SystemExit("--stage 0 runs in one process and cannot --resume")
+    texts = read_texts(a.data)
+    if a.model in PRESETS:
+        tok = train_tokenizer(texts, a.vocab_size, split_punctuation=True)  # see train_tokenizer: copyable words
+        model = Transformer(ModelConfig.from_preset(a.model, vocab_size=tok.vocab_size)).init_weights(seed=a.seed)
+        model = model.to(device=device, dtype=dtype)
+    else:
+        tok, model = Tokenizer.from_pretrained(a.model), Transformer.from_pretrained(a.model, dtype=dtype, device=device)
+    rows = [r[:a.max_len] for r in tok.encode_batch([t if t.startswith("<s>") else f"<s>{t}</s>" for t in texts])]
+    steps_per_epoch = len(rows) // a.global_batch
+    if steps_per_epoch == 0:
+        raise SystemExit(f"{a.data}: {len(rows)} texts is less than one global batch ({a.global_batch})")
+    total = a.max_steps or a.epochs * steps_per_epoch
+    model.requires_grad_(True).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=a.weight_decay)
+    n_params = sum(p.numel() for p in model.parameters())
+    print0(f"stage 0: {len(rows)} texts, {total} steps of {a.global_batch}, {n_params:,} parameters, "
+           f"vocabulary {tok.vocab_size}, device {device}, {dtype}")
+    log = open(a.out / "metrics.jsonl", "a")
+    for step in range(total):
+        t0 = time.perf_counter()
+        epoch, i = divmod(step, steps_per_epoch)
+        order = np.random.default_rng([a.seed, epoch]).permutation(len(rows))  # data order from (seed, epoch)
+        chosen = [rows[j] for j in order[i * a.global_batch:(i + 1) * a.global_batch]]
+        n_tokens = sum(len(r) - 1 for r in chosen)  # every token but the first is a target
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, total, a)
+        loss_sum = 0.0
+        for k in range(0, len(chosen), a.micro_batch):
+            ids, mask = left_pad(chosen[k:k + a.micro_batch], tok.pad_id)  # (b, T)
+            ids, mask = ids.to(device), mask.to(device)
+            logits = model(input_ids=ids, attention_mask=mask)  # (b, T, V) fp32
+            labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)  # (b, T-1): no loss on left padding
+            ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+            (ce / n_tokens).backward()
+            loss_sum += ce.item()
+        loss = loss_sum / n_tokens
+        if not math.isfinite(loss):
+            raise SystemExit(f"step {step}: non-finite loss {loss}; nothing was saved. Try a lower --lr.")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), a.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        rec = {"step": step + 1, "loss": loss, "lr": opt.param_groups[0]["lr"], "grad_norm": float(grad_norm),
+               "tokens_per_s": n_tokens / (time.perf_counter() - t0)}
+        if (step + 1) % a.log_every == 0 or step + 1 == total:
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+            print0(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
+    log.close()
+    tmp = a.out / "base.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp)
+    tok.save(tmp)
+    replace_dir(tmp, a.out / "base")
+    print0(f"done: {total} steps; base model in {a.out / 'base'} (use it as --model of stage 1)")
+
+
+# ----------------------------------------------------------------------------------------------------
 
 def main(argv=None):
     a = parse_args(argv)
@@ -267,6 +362,8 @@ def main(argv=None):
                          f"x world size {world}")
     accum = a.global_batch // (a.micro_batch * world)
     a.out.mkdir(parents=True, exist_ok=True)
+    if a.stage == 0:
+        return pretrain_base(a, device, dtype)
 
     dataset = JsonlDataset(a.data, a.stage)
     if len(dataset) <= a.check_limit:  # fail fast on a bad record rather than hours into the run

@@ -1,0 +1,38 @@
+"""train.py --stage 0: plain language-model pretraining of a preset base (the CPU lab's first step)."""
+import json
+
+import pytest
+import torch
+
+import train
+from model import Transformer
+from data import Tokenizer
+
+
+def test_stage0_pretrains_a_base_that_stage1_takes_as_model(tmp_path):
+    text = tmp_path / "corpus.txt"
+    lines = [f"Person {i} was born in Town{i % 7} in {1900 + i}." for i in range(64)]
+    text.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "s0"
+    train.main(["--stage", "0", "--data", str(text), "--out", str(out), "--global-batch", "8", "--micro-batch", "4",
+                "--max-steps", "24", "--lr", "3e-3", "--vocab-size", "300", "--log-every", "1"])
+    log = [json.loads(x)["loss"] for x in open(out / "metrics.jsonl")]
+    assert len(log) == 24 and log[-1] < 0.7 * log[0], log
+    base = out / "base"
+    model = Transformer.from_pretrained(base, dtype=torch.float32)
+    tok = Tokenizer.from_pretrained(base)
+    assert model.cfg.vocab_size == tok.vocab_size
+    # the saved base is a normal HF-layout directory that stage 1 accepts as --model
+    train.main(["--stage", "1", "--model", str(base), "--out", str(tmp_path / "s1"), "--global-batch", "4",
+                "--micro-batch", "2", "--doc-len", "32", "--compr-rate", "8", "--max-len", "1024", "--max-steps", "1",
+                "--lr", "1e-3", "--train-base", "0"])
+    assert (tmp_path / "s1" / "checkpoint" / "clara.safetensors").exists()
+
+
+def test_stage0_bad_input(tmp_path):
+    with pytest.raises(SystemExit):
+        train.main(["--stage", "0", "--out", str(tmp_path)])  # no --data
+    bad = tmp_path / "t.jsonl"
+    bad.write_text('{"text": "ok"}\n{"txt": "no"}\n')
+    with pytest.raises(SystemExit, match=r"t.jsonl:2: expected a JSON object with a string field 'text'"):
+        train.main(["--stage", "0", "--data", str(bad), "--out", str(tmp_path / "o")])
