@@ -95,6 +95,10 @@ PARAPHRASE_TEMPLATES = [
     "Strip away the mystery, and you'll find background: {docs} is simply another rendition of:",
     "The essence of background: {docs} is captured again in the following statement:",
 ]
+# Every fixed string the prompts are built from: a tokenizer trained for a tiny model (train.py) sees them too,
+# so that the system prompt costs a few dozen tokens instead of one per character.
+PROMPT_TEXTS = [SYSTEM_QA, SYSTEM_PARAPHRASE, SYSTEM_ANSWER, *(t.replace("{docs}", "") for t in PARAPHRASE_TEMPLATES),
+                "Background:", "Question:", "Answer:"]
 
 
 def build_prompt(kind: str, docs: str, question: str = "", qa: list[tuple[str, str]] | None = None,

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from clara import Clara, ClaraConfig, replace_dir
+from clara import PROMPT_TEXTS, Clara, ClaraConfig, replace_dir
 from data import DataError, JsonlDataset, Tokenizer, batches, left_pad, train_tokenizer
 from model import ModelConfig, PRESETS, Transformer
 
@@ -115,6 +115,9 @@ def parse_args(argv=None):
     g.add_argument("--check-limit", type=int, default=200_000, help="validate every record before training "
                    "when the data has at most this many (larger data is validated as it is read)")
     g.add_argument("--vocab-size", type=int, default=1000, help="preset models: size of the BPE trained on the data")
+    g.add_argument("--tie-embeddings", type=int, choices=(0, 1), default=0, help="preset models: the output "
+                   "layer shares the input embedding (a tiny model then learns to copy a word from its context "
+                   "in a few hundred steps; untied, it had not after 300)")
     args = p.parse_args(argv)
     if args.stage == 0 and not args.data:
         p.error("--stage 0 needs --data (text to pretrain the base on; there is no sample)")
@@ -177,6 +180,17 @@ def build_clara(a, dataset, device, dtype, rank) -> Clara:
     return Clara(model, Tokenizer.from_pretrained(base), cfg, base_path=str(base))
 
 
+def preset_tokenizer(texts: list[str], vocab_size: int, split_punctuation: bool = False):
+    """A BPE for a preset model, trained on the data and on the fixed prompt strings (50 times, so their words
+    become single pieces: the tiny decoder's answer prompt shrinks from about 150 tokens to about 80)."""
+    return train_tokenizer(list(texts) + PROMPT_TEXTS * 50, vocab_size, split_punctuation=split_punctuation)
+
+
+def preset_config(a, tok) -> ModelConfig:
+    """The preset's shape, with the trained tokenizer's vocabulary and --tie-embeddings."""
+    return ModelConfig.from_preset(a.model, vocab_size=tok.vocab_size, tie_embeddings=bool(a.tie_embeddings))
+
+
 def make_preset_base(a, dataset: JsonlDataset, path: Path):
     """A preset decoder with random weights and a BPE tokenizer trained on the data, saved as an HF dir."""
     texts = []
@@ -184,8 +198,8 @@ def make_preset_base(a, dataset: JsonlDataset, path: Path):
         r = dataset[i]
         texts += r["docs"] + [r["question"]] if isinstance(r["question"], str) else r["docs"] + r["question"]
         texts += r["answers"] if "answers" in r else [r["answer"]]
-    tok = train_tokenizer(texts, a.vocab_size)
-    model = Transformer(ModelConfig.from_preset(a.model, vocab_size=tok.vocab_size)).init_weights(seed=a.seed)
+    tok = preset_tokenizer(texts, a.vocab_size)
+    model = Transformer(preset_config(a, tok)).init_weights(seed=a.seed)
     tmp = path.with_name(path.name + ".tmp")
     model.save_pretrained(tmp)
     tok.save(tmp)
@@ -287,8 +301,8 @@ def pretrain_base(a, device, dtype):
         raise SystemExit("--stage 0 runs in one process and cannot --resume")
     texts = read_texts(a.data)
     if a.model in PRESETS:
-        tok = train_tokenizer(texts, a.vocab_size, split_punctuation=True)  # see train_tokenizer: copyable words
-        model = Transformer(ModelConfig.from_preset(a.model, vocab_size=tok.vocab_size)).init_weights(seed=a.seed)
+        tok = preset_tokenizer(texts, a.vocab_size, split_punctuation=True)  # see train_tokenizer: copyable words
+        model = Transformer(preset_config(a, tok)).init_weights(seed=a.seed)
         model = model.to(device=device, dtype=dtype)
     else:
         tok, model = Tokenizer.from_pretrained(a.model), Transformer.from_pretrained(a.model, dtype=dtype, device=device)

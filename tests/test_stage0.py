@@ -36,3 +36,32 @@ def test_stage0_bad_input(tmp_path):
     bad.write_text('{"text": "ok"}\n{"txt": "no"}\n')
     with pytest.raises(SystemExit, match=r"t.jsonl:2: expected a JSON object with a string field 'text'"):
         train.main(["--stage", "0", "--data", str(bad), "--out", str(tmp_path / "o")])
+
+
+def test_preset_tokenizer_learns_the_prompt_words():
+    """The fixed prompt strings are in the preset BPE's training text: the answer prompt gets much shorter."""
+    from clara import build_prompt
+    from data import train_tokenizer
+    texts = [f"Person {i} was born in Town{i % 7} in {1900 + i}." for i in range(200)]
+    prompt = build_prompt("answer", "<MEM0><SEP>", question="Where was Person 3 born?")[0]
+    plain = len(train_tokenizer(texts, 1000, split_punctuation=True).encode(prompt))
+    ours = len(train.preset_tokenizer(texts, 1000, split_punctuation=True).encode(prompt))
+    assert ours < 0.6 * plain, (ours, plain)
+
+
+def test_tied_preset_through_stage0_and_stage1(tmp_path):
+    """--tie-embeddings 1: the base, its CLaRa checkpoint (grown vocabulary, base trained) stay tied."""
+    from clara import Clara
+    text = tmp_path / "corpus.txt"
+    text.write_text("".join(f"Person {i} was born in Town{i % 7} in {1900 + i}.\n" for i in range(32)))
+    train.main(["--stage", "0", "--data", str(text), "--out", str(tmp_path / "s0"), "--global-batch", "8",
+                "--max-steps", "2", "--vocab-size", "300", "--tie-embeddings", "1"])
+    base = Transformer.from_pretrained(tmp_path / "s0" / "base", dtype=torch.float32)
+    assert base.cfg.tie_embeddings and base.output.weight is base.tok_embeddings.weight
+    train.main(["--stage", "1", "--model", str(tmp_path / "s0" / "base"), "--out", str(tmp_path / "s1"),
+                "--global-batch", "4", "--micro-batch", "2", "--doc-len", "32", "--compr-rate", "8", "--max-len", "1024",
+                "--max-steps", "2", "--lr", "1e-2", "--train-base", "1"])
+    clara = Clara.from_pretrained(tmp_path / "s1" / "checkpoint")
+    m = clara.model
+    assert m.cfg.tie_embeddings and m.output.weight is m.tok_embeddings.weight
+    assert not torch.equal(m.tok_embeddings.weight[:base.cfg.vocab_size], base.tok_embeddings.weight)  # trained
