@@ -121,6 +121,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.stage == 0 and not args.data:
         p.error("--stage 0 needs --data (text to pretrain the base on; there is no sample)")
+    if args.tie_embeddings and (args.model not in PRESETS or args.init):
+        p.error("--tie-embeddings 1 shapes a new preset model; a checkpoint (--model DIR or --init) keeps its own")
     args.data = args.data or [str(ROOT / f"data/sample/stage{args.stage}.jsonl")]
     args.out = Path(args.out or f"out/stage{args.stage}")
     preset = STAGES[args.stage] | (TINY if args.model in PRESETS and args.model != "mistral-7b" else {})

@@ -65,3 +65,8 @@ def test_tied_preset_through_stage0_and_stage1(tmp_path):
     m = clara.model
     assert m.cfg.tie_embeddings and m.output.weight is m.tok_embeddings.weight
     assert not torch.equal(m.tok_embeddings.weight[:base.cfg.vocab_size], base.tok_embeddings.weight)  # trained
+
+
+def test_tie_embeddings_only_for_a_new_preset(tmp_path):
+    with pytest.raises(SystemExit):
+        train.main(["--stage", "1", "--model", str(tmp_path), "--tie-embeddings", "1"])
