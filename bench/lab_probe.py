@@ -139,10 +139,8 @@ def main(argv=None):
     clara = Clara(Transformer(cfg).init_weights(seed=a.seed), tok,
                   ClaraConfig(doc_max_length=64, compr_rate=a.rate, lora_dropout=0.0, training_stage=2,
                               lora_r=a.lora_r, lora_alpha=2.0 * a.lora_r))
-    if a.train_base:
-        params = [q.requires_grad_(True) for q in clara.parameters()]  # everything trains (random base)
-    else:
-        params = list(clara.trainable_parameters(1).values())  # adapters + <MEMi> rows; the base is frozen
+    # adapters + <MEMi> rows (the stage-1 set), and with --train-base 1 every base weight too
+    params = list(clara.trainable_parameters(1, train_base=bool(a.train_base)).values())
     opt = torch.optim.AdamW(params, lr=a.lr, betas=(0.9, 0.95), weight_decay=0.0)
     probe, rng = Probe(clara, a.mode), random.Random(a.seed)
     print(f"{a.mode}: {len(train)} training / {len(test)} held-out '{a.fact}' questions, "
