@@ -519,6 +519,17 @@ def _people(rng, n: int, firsts: list[str], used_surnames: set, places: list[str
     return people
 
 
+def question_fact(question: str) -> str:
+    """The fact a synthetic question asks about (a key of _QUESTIONS), read back from its template."""
+    for fact, templates in _QUESTIONS.items():
+        for t in templates:
+            head, tail = t.split("{n}")
+            tail = tail.split("{company}")[-1]  # "... found {company}?": the company varies
+            if question.startswith(head) and question.endswith(tail) and len(question) > len(head) + len(tail):
+                return fact
+    raise ValueError(f"not a synthetic question: {question!r}")
+
+
 def _question(rng, person: dict, item: str) -> str:
     return rng.choice(_QUESTIONS[item]).format(n=person["name"], company=person["facts"].get("company"))
 
@@ -550,7 +561,7 @@ def _distractors(rng, person: dict, item: str, answer: str, people: list[dict], 
     return chosen
 
 
-def _records(rng, people: list[dict], k: int, n_candidates: int, questions_per_entity: int):
+def _records(rng, people: list[dict], k: int, n_candidates: int, questions_per_entity: int, asked=None):
     """Stage-2 and stage-3 records: questions with k documents / with N candidates and pos_index."""
     index = {"surname": {}, "first": {}, "group": {}}
     for p in people:
@@ -560,7 +571,8 @@ def _records(rng, people: list[dict], k: int, n_candidates: int, questions_per_e
             index["group"].setdefault(g, []).append(p)
     stage2, stage3 = [], []
     for p in people:
-        for item in rng.sample(p["items"], min(questions_per_entity, len(p["items"]))):
+        items = [i for i in p["items"] if asked is None or i in asked]
+        for item in rng.sample(items, min(questions_per_entity, len(items))):
             answer = p["facts"][item]
             docs = _distractors(rng, p, item, answer, people, index, k - 1) + [p["doc"]]
             rng.shuffle(docs)
@@ -579,20 +591,25 @@ def _records(rng, people: list[dict], k: int, n_candidates: int, questions_per_e
 
 
 def make_synthetic(out_dir, seed: int = 0, n_train_entities: int = 1000, n_test_entities: int = 200, k: int = 5,
-                   n_candidates: int = 8, questions_per_entity: int = 1) -> dict:
+                   n_candidates: int = 8, questions_per_entity: int = 1, asked: list[str] | None = None) -> dict:
     """Write a synthetic data set in the official formats; deterministic for a seed. Returns the counts.
 
     out_dir/stage1.jsonl       per training person: one "qa" record (a question and answer per fact) and
                                one "paraphrase" record (answers[0] = the same facts in other words), mixed
     out_dir/stage2.jsonl       `questions_per_entity` questions per person, each with k documents: the
-                               person's and k-1 distractors (similar people, without the answer string)
+                               person's and k-1 distractors (similar people, without the answer string).
+                               The questions ask about the facts in `asked` (default: any of place, year,
+                               job, home, company, fyear, mentor)
     out_dir/stage3.jsonl       the same questions with N candidates; pos_index = the person's document
                                (and 30% of the time its paraphrase too)
     out_dir/test_stage2.jsonl, test_stage3.jsonl   the same for held-out people (other families)
     out_dir/corpus.txt         the training documents and their paraphrases, one per line (tokenizer / LM)
     """
-    if min(k, n_candidates) < 2 or questions_per_entity < 1:
-        raise ValueError(f"make_synthetic: need k >= 2, n_candidates >= 2, questions_per_entity >= 1; got k={k}, "
+    unknown = sorted(set(asked or ()) - set(_QUESTIONS))
+    if unknown:
+        raise ValueError(f"make_synthetic: unknown fact(s) {unknown} in asked; choose from {sorted(_QUESTIONS)}")
+    if k < 1 or n_candidates < 2 or questions_per_entity < 1:
+        raise ValueError(f"make_synthetic: need k >= 1, n_candidates >= 2, questions_per_entity >= 1; got k={k}, "
                          f"n_candidates={n_candidates}, questions_per_entity={questions_per_entity}")
     for name, n in (("n_train_entities", n_train_entities), ("n_test_entities", n_test_entities)):
         if n and n < 2 * max(k, n_candidates):  # distractors need enough other people without the answer
@@ -615,8 +632,8 @@ def make_synthetic(out_dir, seed: int = 0, n_train_entities: int = 1000, n_test_
                        "docs": [p["doc"]]})
         stage1.append({"data_type": "paraphrase", "question": [], "answers": [p["paraphrase"]], "docs": [p["doc"]]})
     rng.shuffle(stage1)
-    stage2, stage3 = _records(rng, train, k, n_candidates, questions_per_entity)
-    test2, test3 = _records(rng, test, k, n_candidates, questions_per_entity)
+    stage2, stage3 = _records(rng, train, k, n_candidates, questions_per_entity, asked)
+    test2, test3 = _records(rng, test, k, n_candidates, questions_per_entity, asked)
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -646,6 +663,8 @@ def main(argv=None):
     s.add_argument("--k", type=int, default=5, help="documents per stage-2 question")
     s.add_argument("--candidates", type=int, default=8, help="candidate documents per stage-3 question")
     s.add_argument("--questions", type=int, default=1, help="stage-2/3 questions per person (at most its facts)")
+    s.add_argument("--ask", nargs="+", default=None, choices=sorted(_QUESTIONS), help="the facts stage-2/3 "
+                   "questions ask about (default: all); documents and stage-1 QA always hold every fact")
     c = sub.add_parser("check", help="validate JSONL files against the format of a stage",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     c.add_argument("files", nargs="+", help="JSONL files")
@@ -653,7 +672,7 @@ def main(argv=None):
     c.add_argument("--max-errors", type=int, default=20, help="stop after this many errors")
     a = p.parse_args(argv)
     if a.command == "synth":
-        counts = make_synthetic(a.out, a.seed, a.train, a.test, a.k, a.candidates, a.questions)
+        counts = make_synthetic(a.out, a.seed, a.train, a.test, a.k, a.candidates, a.questions, a.ask)
         print(json.dumps(counts))
         return 0
     dataset = JsonlDataset(a.files, a.stage)

@@ -577,7 +577,8 @@ def setting_labels(clara: Clara, name: str, k: int, opts) -> dict:
     """Row names of the tables: which model reads what."""
     reader = lambda adapter: "base model" if adapter is None else f"{name} decoder"
     return {"compressed": f"{name}: compressed first {k} docs (rate {clara.cfg.compr_rate})",
-            "retrieval": f"{name}: retrieval top-{k} (rate {clara.cfg.compr_rate})",
+            "retrieval": f"{name}: retrieval top-{k} (rate {clara.cfg.compr_rate})"
+                         + (", untrained query reasoner" if getattr(opts, "query_from_encoder", False) else ""),
             "text": f"{reader(opts.text_adapter)}: raw text first {k} docs",
             "closed_book": f"{reader(opts.closed_book_adapter)}: closed book"}
 
@@ -611,6 +612,9 @@ def parse_args(argv=None):
                    "text mode: the bare base model (none, the paper's baseline) or the decoder adapter")
     g.add_argument("--closed-book-adapter", choices=("none", "decoder"), default="none",
                    help="who answers in closed_book mode: the bare base model or the decoder adapter")
+    g.add_argument("--query-from-encoder", action="store_true", help="retrieval with a stage-1/2 checkpoint: the "
+                   "query reasoner is a copy of the encoder adapter, i.e. the UNTRAINED query reasoner stage 3 "
+                   "starts from (the baseline stage 3 must beat)")
     g.add_argument("--first-gold-only", action="store_true", help="score against the first gold answer only, as "
                    "the official code does (default: the best over all gold aliases)")
     g.add_argument("--max-new-tokens", type=int, default=None, help="generated tokens per answer (default: 64 in "
@@ -667,10 +671,16 @@ def main(argv=None) -> dict:
     clara.eval()
     stage = clara.cfg.training_stage
     modes = list(dict.fromkeys(a.mode or (["retrieval"] if stage == 3 else ["compressed"])))
+    if a.query_from_encoder:
+        if "query" in clara.model.adapters:
+            raise SystemExit(f"--query-from-encoder: {a.checkpoint} already has a trained query reasoner (stage "
+                             f"{stage}); drop the flag to evaluate it")
+        clara.model.copy_adapter("encoder", "query")  # what train.py --stage 3 starts from
     if "retrieval" in modes and "query" not in clara.model.adapters:
         raise SystemExit(f"--mode retrieval needs an end-to-end (stage-3) checkpoint with a query-reasoner adapter; "
                          f"{a.checkpoint} is a stage-{stage} checkpoint with adapters {sorted(clara.model.adapters)}. "
-                         "Use --mode compressed (the first k documents) instead.")
+                         "Use --mode compressed (the first k documents), or --query-from-encoder for the "
+                         "untrained query reasoner stage 3 starts from.")
     k = a.top_k or clara.cfg.generation_top_k
     checkpoint = Path(a.checkpoint).resolve()
     name = a.model_name or (checkpoint.parent.name if checkpoint.name == "checkpoint" else checkpoint.name)

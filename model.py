@@ -117,6 +117,8 @@ PRESETS = {
     # Trains on a laptop CPU in seconds; vocab_size is normally overridden by the tokenizer's size.
     "tiny": dict(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
                  intermediate_size=176, norm_eps=1e-5, rope_theta=10000.0, dtype="float32"),
+    "small": dict(vocab_size=512, dim=128, n_layers=2, n_heads=4, n_kv_heads=4, head_dim=32,
+                  intermediate_size=384, norm_eps=1e-5, rope_theta=10000.0, dtype="float32"),
     # Mistral-7B-Instruct-v0.2 (the CLaRa base model).
     "mistral-7b": dict(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
                        intermediate_size=14336, norm_eps=1e-5, rope_theta=1e6, sliding_window=None,

@@ -34,11 +34,11 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from clara import Clara, ClaraConfig, build_prompt  # noqa: E402
-from data import make_synthetic  # noqa: E402
+from data import _QUESTIONS, Tokenizer, make_synthetic, question_fact  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 from train import preset_tokenizer  # noqa: E402
 
-FACTS = {"job": " work as", "home": " live", "place": " born?", "company": " found?"}  # question substring
+FACTS = {**{f: {f} for f in _QUESTIONS}, "one-word": {"job", "home", "place"}, "all": set(_QUESTIONS)}
 
 
 def load(data: Path, fact: str, answer_only: bool):
@@ -47,7 +47,7 @@ def load(data: Path, fact: str, answer_only: bool):
         out = []
         for line in open(data / name, encoding="utf-8"):
             r = json.loads(line)
-            if FACTS[fact] in r["question"]:
+            if question_fact(r["question"]) in FACTS[fact]:
                 doc = r["answer"] if answer_only else r["docs"][r["pos_index"][0]]
                 out.append({"question": r["question"], "docs": [doc], "answer": r["answer"]})
         return out
@@ -106,6 +106,8 @@ def main(argv=None):
     p.add_argument("--fact", choices=sorted(FACTS), default="job")
     p.add_argument("--answer-only-docs", action="store_true", help="each document is just the answer word")
     p.add_argument("--people", type=int, default=2000, help="training people (make_synthetic)")
+    p.add_argument("--base", default=None, help="a base model directory (e.g. OUT/base of train.py --stage 0) "
+                   "instead of a random preset; its tokenizer too")
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--tie", type=int, choices=(0, 1), default=1, help="tie the output layer to the embedding")
@@ -128,15 +130,19 @@ def main(argv=None):
                        questions_per_entity=4)
     train, test = load(data, a.fact, a.answer_only_docs)
     test = test[:200]
-    texts = (data / "corpus.txt").read_text(encoding="utf-8").splitlines()
-    texts += [r["question"] for r in train] + [r["answer"] for r in train]
-    tok = preset_tokenizer(texts, 1000, split_punctuation=True)
+    if a.base:
+        tok, base = Tokenizer.from_pretrained(a.base), Transformer.from_pretrained(a.base)
+    else:
+        texts = (data / "corpus.txt").read_text(encoding="utf-8").splitlines()
+        texts += [r["question"] for r in train] + [r["answer"] for r in train]
+        tok = preset_tokenizer(texts, 1000, split_punctuation=True)
+        heads = max(1, a.dim // 32)
+        cfg = ModelConfig.from_preset("tiny", vocab_size=tok.vocab_size, dim=a.dim, n_layers=a.layers,
+                                      n_heads=heads, n_kv_heads=heads, head_dim=a.dim // heads,
+                                      intermediate_size=3 * a.dim, tie_embeddings=bool(a.tie))
+        base = Transformer(cfg).init_weights(seed=a.seed)
     torch.manual_seed(a.seed)
-    heads = max(1, a.dim // 32)
-    cfg = ModelConfig.from_preset("tiny", vocab_size=tok.vocab_size, dim=a.dim, n_layers=a.layers, n_heads=heads,
-                                  n_kv_heads=heads, head_dim=a.dim // heads, intermediate_size=3 * a.dim,
-                                  tie_embeddings=bool(a.tie))
-    clara = Clara(Transformer(cfg).init_weights(seed=a.seed), tok,
+    clara = Clara(base, tok,
                   ClaraConfig(doc_max_length=64, compr_rate=a.rate, lora_dropout=0.0, training_stage=2,
                               lora_r=a.lora_r, lora_alpha=2.0 * a.lora_r))
     # adapters + <MEMi> rows (the stage-1 set), and with --train-base 1 every base weight too

@@ -337,6 +337,30 @@ def test_synthetic_distractors_are_similar(synth):
     assert similar > 0.8 * len(records)
 
 
+def test_synthetic_asked_facts_and_one_document(tmp_path):
+    """--ask restricts the questions (documents keep every fact); k=1 gives each question its own document."""
+    from data import question_fact
+    make_synthetic(tmp_path, seed=1, n_train_entities=60, n_test_entities=20, k=1, n_candidates=4,
+                   questions_per_entity=3, asked=["job", "home"])
+    for name in ("stage2", "stage3", "test_stage2", "test_stage3"):
+        rows = load(tmp_path / f"{name}.jsonl")
+        assert rows and {question_fact(r["question"]) for r in rows} == {"job", "home"}, name
+    for r in load(tmp_path / "stage2.jsonl"):
+        assert len(r["docs"]) == 1 and r["answer"] in r["docs"][0]
+    assert {question_fact(q) for r in load(tmp_path / "stage1.jsonl") for q in r["question"]} == set(_QUESTIONS)
+    with pytest.raises(ValueError, match=r"unknown fact\(s\) \['age'\]"):
+        make_synthetic(tmp_path, asked=["job", "age"])
+
+
+def test_question_fact_reads_every_template():
+    from data import question_fact
+    for fact, templates in _QUESTIONS.items():
+        for t in templates:
+            assert question_fact(t.format(n="Ana Bel", company="Red Oak Mill")) == fact
+    with pytest.raises(ValueError, match="not a synthetic question"):
+        question_fact("How old is Ana?")
+
+
 def test_synthetic_refuses_too_few_entities(tmp_path):
     with pytest.raises(ValueError, match="n_test_entities"):
         make_synthetic(tmp_path, n_train_entities=100, n_test_entities=5, n_candidates=8)

@@ -34,8 +34,25 @@ def test_stage0_bad_input(tmp_path):
         train.main(["--stage", "0", "--out", str(tmp_path)])  # no --data
     bad = tmp_path / "t.jsonl"
     bad.write_text('{"text": "ok"}\n{"txt": "no"}\n')
-    with pytest.raises(SystemExit, match=r"t.jsonl:2: expected a JSON object with a string field 'text'"):
+    with pytest.raises(SystemExit, match=r"t.jsonl:2: expected \{\"text\": non-empty string\} or a stage-2"):
         train.main(["--stage", "0", "--data", str(bad), "--out", str(tmp_path / "o")])
+    bad.write_text('{"text": "ok"}\n\n{"question": "q?", "docs": "not a list", "answer": "a"}\n')
+    with pytest.raises(SystemExit, match=r"t.jsonl:3: a stage-2 record needs"):
+        train.main(["--stage", "0", "--data", str(bad), "--out", str(tmp_path / "o")])
+    bad.write_text('{"text": "ok"}\n{oops\n')
+    with pytest.raises(SystemExit, match=r"t.jsonl:2: not JSON"):
+        train.main(["--stage", "0", "--data", str(bad), "--out", str(tmp_path / "o")])
+
+
+def test_stage0_reads_stage2_records_as_raw_text_qa(tmp_path):
+    """A stage-2 record becomes exactly the raw-text prompt eval.py's text mode builds, plus ' answer</s>'."""
+    from eval import text_prompt
+    f = tmp_path / "s2.jsonl"
+    rec = {"question": "Where does Ana live?", "docs": ["Ana lives in Oslo.", "Bo lives in Rome."], "answer": "Oslo"}
+    f.write_text(json.dumps({"text": "plain"}) + "\n" + json.dumps(rec) + "\n")
+    (tmp_path / "c.txt").write_text("line one\nline two\n")
+    texts = train.read_texts([tmp_path / "c.txt", f])
+    assert texts == ["line one", "line two", "plain", text_prompt(rec["question"], rec["docs"]) + " Oslo</s>"]
 
 
 def test_preset_tokenizer_learns_the_prompt_words():
