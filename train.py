@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 
 from clara import PROMPT_TEXTS, Clara, ClaraConfig, build_prompt, replace_dir
-from data import DataError, JsonlDataset, Tokenizer, batches, left_pad, train_tokenizer
+from data import DataError, JsonlDataset, Tokenizer, batches, left_pad, train_tokenizer, validate_record
 from model import ModelConfig, PRESETS, Transformer
 
 ROOT = Path(__file__).resolve().parent
@@ -267,10 +267,13 @@ def load_resume(clara, opt, a):
 # Stage 0: make a base model (not CLaRa)
 
 def read_texts(paths) -> list[str]:
-    """Stage-0 text. A .jsonl file holds per line either {"text": str} (texts with newlines, e.g. chat
-    transcripts) or a stage-2 record {"question", "docs", "answer"}, which becomes the raw-text answer prompt
-    followed by its answer: the tiny base then learns to answer from documents, as the instruction model the
-    paper starts from can. Any other file holds one text per line. Blank lines are skipped.
+    """Stage-0 text. Any file but .jsonl holds one text per line. A .jsonl file holds per line either
+    {"text": str} (texts with newlines, e.g. chat transcripts), or a CLaRa record that becomes raw-text QA, so
+    that the tiny base learns to answer from documents as the instruction model the paper starts from can:
+      stage 2/3 {"question", "docs", "answer"}      the raw-text answer prompt (eval.py's text mode) + answer
+      stage 1 {"data_type": "qa", ...}              the same, one text per (question, answer) pair
+      stage 1 {"data_type": "paraphrase", ...}      the paraphrase (answers[0]) as plain text
+    Blank lines are skipped; a malformed line is an error naming file:line.
 
     (Tried for the CPU lab: the loss on the answer only for stage-2 records, as instruction tuning does. The
     tiny base then read WORSE after the same steps, 1% held-out exact against 9%: the prompt's own tokens,
@@ -289,6 +292,18 @@ def read_texts(paths) -> list[str]:
                 r = json.loads(line)
             except json.JSONDecodeError:
                 raise SystemExit(f"{path}:{n}: not JSON") from None
+            if isinstance(r, dict) and "text" not in r and "data_type" in r:
+                try:
+                    r = validate_record(r, 1, f"{path}:{n}")  # normalised: lists, one document
+                except DataError as e:
+                    raise SystemExit(str(e)) from None
+                if r["data_type"] == "paraphrase":
+                    texts.append(r["answers"][0])
+                else:
+                    docs = "\n".join(r["docs"])
+                    texts += [build_prompt("answer", docs, question=q)[0] + f" {ans}</s>"
+                              for q, ans in zip(r["question"], r["answers"])]
+                continue
             if isinstance(r, dict) and "text" not in r and {"question", "docs", "answer"} <= r.keys():
                 q, docs, ans = r["question"], r["docs"], r["answer"]
                 if not (isinstance(q, str) and isinstance(ans, str) and isinstance(docs, list)

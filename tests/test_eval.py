@@ -247,10 +247,27 @@ def test_checkpoint_and_mode_mismatches_are_clear_errors(ckpts, tmp_path):
     assert s["modes"] == ["retrieval"] and s["results"]["d"]["retrieval"]["n"] == 1
 
 
+def test_query_from_encoder_is_the_untrained_query_reasoner(ckpts, tmp_path):
+    """--query-from-encoder on a stage-2 checkpoint ranks with a copy of the encoder, as stage 3 starts."""
+    recs = sample(4)
+    f = write(tmp_path / "d.jsonl", recs)
+    s = run(tmp_path, ckpts[2], [f], "--mode", "retrieval", "--query-from-encoder")
+    assert "untrained query reasoner" in s["settings"]["retrieval"]
+    clara = Clara.from_pretrained(ckpts[2], dtype=torch.float32)
+    clara.model.copy_adapter("encoder", "query")
+    answers, idx = clara.generate_from_questions([r["question"] for r in recs], [r["docs"] for r in recs],
+                                                 max_new_tokens=4)
+    rows = items(tmp_path, "d", "retrieval")
+    assert idx.tolist() == [r["doc_indices"] for r in rows] and answers == [r["prediction"] for r in rows]
+    with pytest.raises(SystemExit, match="already has a trained query reasoner"):
+        run(tmp_path, ckpts[3], [f], "--mode", "retrieval", "--query-from-encoder")
+
+
 def test_help_documents_every_flag(capsys):
     with pytest.raises(SystemExit):
         ev.parse_args(["--help"])
     text = capsys.readouterr().out
     for flag in ("--checkpoint", "--data", "--mode", "--names", "--limit", "--top-k", "--text-adapter",
-                 "--first-gold-only", "--max-new-tokens", "--batch-size", "--device", "--out", "--compr-rate"):
+                 "--first-gold-only", "--max-new-tokens", "--batch-size", "--device", "--out", "--compr-rate",
+                 "--query-from-encoder"):
         assert flag in text

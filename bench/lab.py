@@ -1,0 +1,208 @@
+"""The CPU lab: CLaRa's three stages on a synthetic corpus with a tiny model, start to finish in minutes.
+
+    python bench/lab.py                # the full lab (11 minutes on 2 CPU cores), writes out/lab/
+    python bench/lab.py --fast         # the small version the test suite runs (tests/test_lab.py), ~5 min
+
+It runs the same commands a reader would type (each is printed before it runs) and gathers their results:
+
+  1. data     python data.py synth: 2,000 made-up people with a short biography each; questions about three
+              one-word facts (job, home town, birthplace) of held-out people who never appear in training
+  2. stage 0  NOT CLaRa: the paper starts from Mistral-7B-Instruct, we start from random weights, so a tiny
+              tied-embedding decoder first learns the corpus and raw-text QA as a plain language model.
+              This base is the raw-text and closed-book baseline, and stays FROZEN from here on.
+  3. stages 1 and 2 at each compression rate: LoRA adapters (encoder, decoder) and the <MEMi> rows on the
+              frozen base, then eval.py compressed / text / closed_book on the held-out questions
+  4. stage 3  from the stage-2 model of --stage3-rate: retrieval among N=8 candidates (the person's
+              document and 7 similar people's) before stage 3 (the query reasoner = a copy of the encoder,
+              untrained) and after, with the answer accuracy of both. At this scale it does not learn yet:
+              recall@1 stays at chance (README, BENCHMARKS.md)
+
+Outputs in --out: every stage's directory, `results.json` (every number below), `results.md` (the tables
+the README shows) and two pictures, `rate_curve.svg` and `stage3_curve.svg` (hand-written SVG, no plotting
+dependency).
+
+Why these choices (the measurements are in BENCHMARKS.md, bench/lab_probe.py is the probe behind them):
+  - the base is frozen in stages 1-3 (the method's own setting): when the encoder and decoder share base
+    weights that both train (`--train-base 1`), the encoder's memory stayed at chance;
+  - tied input/output embeddings: an untied tiny model did not learn to copy a word from its context;
+  - one-word facts and one document per question in stage 2: a 2-layer, 64-wide model learns to read them in
+    a few hundred steps; with years, company and teacher names mixed in it reached 22% after 600 steps;
+    picking the right document among similar people's is stage 3's job.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+
+FULL = dict(train=2000, test=200, questions=3, s0_epochs=5, s1_steps=100, s2_steps=800, s3_steps=300,
+            rates=[4, 8, 16], limit=None)
+FAST = dict(train=1000, test=100, questions=3, s0_epochs=6, s1_steps=50, s2_steps=600, s3_steps=100,
+            rates=[16], limit=150)
+# Shared by stages 1-3: LoRA rank 32 (half the width: near full rank at this size), no dropout, batch 32.
+COMMON = ["--lora-r", "32", "--lora-alpha", "64", "--lora-dropout", "0", "--global-batch", "32", "--micro-batch",
+          "32", "--max-len", "256", "--log-every", "10"]
+
+
+def run(cmd: list[str], log: list) -> float:
+    """Run one command from the repository root, echoing it; returns its seconds."""
+    shown = " ".join(shlex.quote(str(c)) for c in cmd).replace(PY, "python")
+    print(f"\n$ {shown}", flush=True)
+    t0 = time.perf_counter()
+    subprocess.run([str(c) for c in cmd], cwd=ROOT, check=True)
+    seconds = time.perf_counter() - t0
+    log.append({"command": shown, "seconds": round(seconds, 1)})
+    return seconds
+
+
+def evaluate(ckpt: Path, data: Path, out: Path, modes: list[str], log: list, limit, extra=()) -> dict:
+    cmd = [PY, "eval.py", "--checkpoint", ckpt, "--data", data, "--mode", *modes, "--out", out, "--no-progress",
+           "--batch-size", "50", "--max-new-tokens", "8", *extra]
+    run(cmd + (["--limit", str(limit)] if limit else []), log)
+    return json.loads((out / "summary.json").read_text())["results"][data.stem]
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--fast", action="store_true", help="the small version (test suite): fewer people and steps")
+    p.add_argument("--out", default=None, help="output directory (default: out/lab, or out/lab_fast)")
+    p.add_argument("--rates", type=int, nargs="+", default=None, help="compression rates (64-token documents)")
+    p.add_argument("--stage3-rate", type=int, default=None, help="the rate whose stage-2 model stage 3 starts "
+                   "from (default: the last of --rates, the best reader at this scale)")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    cfg = dict(FAST if a.fast else FULL)
+    cfg["rates"] = a.rates or cfg["rates"]
+    r3 = a.stage3_rate or cfg["rates"][-1]
+    if r3 not in cfg["rates"]:
+        p.error(f"--stage3-rate {r3} is not one of --rates {cfg['rates']}")
+    out = Path(a.out or ("out/lab_fast" if a.fast else "out/lab")).resolve()
+    data = out / "data"
+    log, res, t_start = [], {"settings": cfg | {"seed": a.seed, "stage3_rate": r3}, "rates": {}}, time.perf_counter()
+    seed = ["--seed", str(a.seed)]
+
+    # 1. data: one document per stage-2 question (k=1), N=8 candidates per stage-3 question
+    run([PY, "data.py", "synth", "--out", data, "--train", cfg["train"], "--test", cfg["test"], "--k", "1",
+         "--candidates", "8", "--questions", cfg["questions"], "--ask", "job", "home", "place", *seed], log)
+    # 2. stage 0 (not CLaRa): the base decoder, from random weights, on raw-text QA about every fact of the
+    #    training people (stage-1 qa records, one text per question) + their paraphrases + the stage-2 QA
+    run([PY, "train.py", "--stage", "0", "--data", data / "stage1.jsonl", data / "stage2.jsonl", "--out",
+         out / "stage0", "--tie-embeddings", "1", "--max-len", "256", "--global-batch", "32", "--micro-batch", "32",
+         "--epochs", cfg["s0_epochs"], "--lr", "3e-3", "--log-every", "100", *seed], log)
+    base = out / "stage0" / "base"
+    # 3. stages 1 and 2 per compression rate, the frozen base underneath
+    for rate in cfg["rates"]:
+        d = out / f"rate{rate}"
+        run([PY, "train.py", "--stage", "1", "--model", base, "--data", data / "stage1.jsonl", "--out", d / "stage1",
+             "--train-base", "0", "--doc-len", "64", "--compr-rate", rate, "--lr", "3e-3", "--min-lr", "3e-4",
+             "--max-steps", cfg["s1_steps"], *COMMON, *seed], log)
+        run([PY, "train.py", "--stage", "2", "--init", d / "stage1" / "checkpoint", "--data", data / "stage2.jsonl",
+             "--out", d / "stage2", "--top-k", "1", "--lr", "3e-3", "--min-lr", "1e-3",
+             "--max-steps", cfg["s2_steps"], *COMMON, *seed], log)
+        baselines = rate == cfg["rates"][0]  # the text and closed-book baselines read with the base: once
+        r = evaluate(d / "stage2" / "checkpoint", data / "test_stage2.jsonl", d / "eval",
+                     ["compressed", "text", "closed_book"] if baselines else ["compressed"], log, cfg["limit"])
+        res["rates"][rate] = {"compressed": r["compressed"], "memory_tokens": 64 // rate}
+        if baselines:
+            res["text"], res["closed_book"] = r["text"], r["closed_book"]
+    # 4. stage 3: retrieval among 8 candidates, before (untrained query reasoner) and after
+    d = out / f"rate{r3}"
+    test3 = data / "test_stage3.jsonl"
+    res["stage3_before"] = evaluate(d / "stage2" / "checkpoint", test3, d / "eval_stage3_before", ["retrieval"], log,
+                                    cfg["limit"], ["--query-from-encoder", "--top-k", "1"])
+    run([PY, "train.py", "--stage", "3", "--init", d / "stage2" / "checkpoint", "--data", data / "stage3.jsonl",
+         "--out", d / "stage3", "--top-k", "1", "--lr", "1e-3", "--max-steps", cfg["s3_steps"], *COMMON, *seed], log)
+    res["stage3_after"] = evaluate(d / "stage3" / "checkpoint", test3, d / "eval_stage3_after", ["retrieval"], log,
+                                   cfg["limit"], ["--top-k", "1"])
+    res["stage3_curve"] = [json.loads(x) for x in open(d / "stage3" / "metrics.jsonl")]
+    res["commands"], res["seconds"] = log, round(time.perf_counter() - t_start, 1)
+
+    (out / "results.json").write_text(json.dumps(res, indent=1))
+    (out / "results.md").write_text(tables(res))
+    plots(res, out)
+    print("\n" + tables(res), flush=True)
+    print(f"lab done in {res['seconds'] / 60:.1f} min; results in {out}")
+    return res
+
+
+# ---- reports ------------------------------------------------------------------------------------------
+
+def tables(res: dict) -> str:
+    """The two markdown tables of the README: answers by reading mode, and stage-3 retrieval."""
+    n = res["text"]["n"]
+    rows = [f"| reading (held-out people, {n} questions) | memory / doc tokens | exact match % |", "|---|---|---|",
+            f"| closed book (base model, no document) | 0 | {res['closed_book']['em']:.1f} |",
+            f"| raw text (base model reads the document) | all | {res['text']['em']:.1f} |"]
+    rows += [f"| compressed, rate {rate} | {v['memory_tokens']} / 64 | {v['compressed']['em']:.1f} |"
+             for rate, v in res["rates"].items()]
+    b, a = res["stage3_before"]["retrieval"], res["stage3_after"]["retrieval"]
+    rows += ["", f"| stage 3 (rate {res['settings']['stage3_rate']}, 8 candidates, top-1) | recall@1 | recall@3 | "
+             "answer exact match % |", "|---|---|---|---|",
+             "| random choice | 12.5 | 37.5 | – |",
+             f"| untrained query reasoner (copy of the encoder) | {b['recall@1']:.1f} | {b['recall@3']:.1f} | "
+             f"{b['em']:.1f} |",
+             f"| after stage 3 | {a['recall@1']:.1f} | {a['recall@3']:.1f} | {a['em']:.1f} |"]
+    return "\n".join(rows) + "\n"
+
+
+def svg_plot(series: list[tuple[str, list[tuple[float, float]], str]], title: str, xlabel: str, ylabel: str,
+             path: Path, xticks=None, ymax: float = 100.0):
+    """A line chart as SVG text: series = [(label, [(x, y), ...], colour)]; one point = a marker alone."""
+    W, H, L, R, T, B = 560, 320, 56, 170, 34, 44  # size and margins (right: the legend)
+    xs = [x for _, pts, _ in series for x, _ in pts]
+    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+    sx = lambda x: L + (x - x0) / (x1 - x0) * (W - L - R)
+    sy = lambda y: H - B - y / ymax * (H - T - B)
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" '
+           f'font-size="12"><rect width="{W}" height="{H}" fill="white"/>',
+           f'<text x="{W / 2 - R / 2}" y="20" text-anchor="middle" font-size="14">{title}</text>',
+           f'<text x="{L + (W - L - R) / 2}" y="{H - 8}" text-anchor="middle">{xlabel}</text>',
+           f'<text x="14" y="{T + (H - T - B) / 2}" text-anchor="middle" transform="rotate(-90 14 '
+           f'{T + (H - T - B) / 2})">{ylabel}</text>']
+    for y in range(0, int(ymax) + 1, 20):  # grid and y ticks
+        out.append(f'<line x1="{L}" x2="{W - R}" y1="{sy(y):.1f}" y2="{sy(y):.1f}" stroke="#ddd"/>'
+                   f'<text x="{L - 6}" y="{sy(y) + 4:.1f}" text-anchor="end">{y}</text>')
+    for x, label in (xticks or [(x, f"{x:g}") for x in sorted(set(xs))]):
+        out.append(f'<text x="{sx(x):.1f}" y="{H - B + 16}" text-anchor="middle">{label}</text>')
+    out.append(f'<rect x="{L}" y="{T}" width="{W - L - R}" height="{H - T - B}" fill="none" stroke="#888"/>')
+    for i, (label, pts, colour) in enumerate(series):
+        coords = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
+        if len(pts) > 1:
+            out.append(f'<polyline points="{coords}" fill="none" stroke="{colour}" stroke-width="2"/>')
+        out += [f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3" fill="{colour}"/>' for x, y in pts]
+        ly = T + 14 + 18 * i
+        out.append(f'<line x1="{W - R + 10}" x2="{W - R + 28}" y1="{ly - 4}" y2="{ly - 4}" stroke="{colour}" '
+                   f'stroke-width="2"/><text x="{W - R + 32}" y="{ly}">{label}</text>')
+    path.write_text("\n".join(out) + "\n</svg>\n")
+
+
+def plots(res: dict, out: Path):
+    """rate_curve.svg: exact match vs memory tokens per document; stage3_curve.svg: training recall@1."""
+    import math
+    rates = sorted(res["rates"], key=int)
+    xs = [math.log2(int(r)) for r in rates]
+    flat = lambda y: [(min(xs), y), (max(xs), y)] if len(xs) > 1 else [(xs[0], y)]
+    svg_plot([("compressed", [(x, res["rates"][r]["compressed"]["em"]) for x, r in zip(xs, rates)], "#1f77b4"),
+              ("raw text", flat(res["text"]["em"]), "#2ca02c"),
+              ("closed book", flat(res["closed_book"]["em"]), "#d62728")],
+             "Held-out exact match vs compression rate", "compression rate (64-token documents)", "exact match %",
+             out / "rate_curve.svg", xticks=[(x, f"{r} ({64 // int(r)} vec)") for x, r in zip(xs, rates)])
+    curve = [(c["step"], 100 * c["recall@1"]) for c in res["stage3_curve"] if "recall@1" in c]
+    steps = [s for s, _ in curve]
+    svg_plot([("train recall@1", curve, "#1f77b4"),
+              ("held-out, before", [(0, res["stage3_before"]["retrieval"]["recall@1"])], "#ff7f0e"),
+              ("held-out, after", [(max(steps), res["stage3_after"]["retrieval"]["recall@1"])], "#2ca02c"),
+              ("random (1/8)", [(0, 12.5), (max(steps), 12.5)], "#999")],
+             "Stage 3: recall@1 among 8 candidates", "training step", "recall@1 %", out / "stage3_curve.svg",
+             xticks=[(x, str(x)) for x in range(0, max(steps) + 1, max(1, max(steps) // 6))])
+
+
+if __name__ == "__main__":
+    main()
