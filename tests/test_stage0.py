@@ -55,6 +55,21 @@ def test_stage0_reads_stage2_records_as_raw_text_qa(tmp_path):
     assert texts == ["line one", "line two", "plain", text_prompt(rec["question"], rec["docs"]) + " Oslo</s>"]
 
 
+def test_stage0_reads_stage1_records_as_raw_text_qa(tmp_path):
+    """A stage-1 qa record: one raw-text QA text per (question, answer); a paraphrase record: its paraphrase."""
+    from eval import text_prompt
+    f = tmp_path / "s1.jsonl"
+    qa = {"data_type": "qa", "question": ["Where does Ana live?", "What does Ana do?"], "answers": ["Oslo", "baker"],
+          "docs": ["Ana lives in Oslo. She is a baker."]}
+    para = {"data_type": "paraphrase", "question": [], "answers": ["Ana, a baker, lives in Oslo."], "docs": ["x"]}
+    f.write_text(json.dumps(qa) + "\n" + json.dumps(para) + "\n")
+    assert train.read_texts([f]) == [text_prompt(q, qa["docs"]) + f" {a}</s>" for q, a in
+                                     zip(qa["question"], qa["answers"])] + ["Ana, a baker, lives in Oslo."]
+    f.write_text(json.dumps(para) + "\n" + json.dumps({**qa, "answers": ["Oslo"]}) + "\n")
+    with pytest.raises(SystemExit, match=r"s1.jsonl:2"):
+        train.read_texts([f])
+
+
 def test_preset_tokenizer_learns_the_prompt_words():
     """The fixed prompt strings are in the preset BPE's training text: the answer prompt gets much shorter."""
     from clara import build_prompt
