@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -85,6 +86,11 @@ def main(argv=None) -> dict:
         p.error(f"--stage3-rate {r3} is not one of --rates {cfg['rates']}")
     out = Path(a.out or ("out/lab_fast" if a.fast else "out/lab")).resolve()
     data = out / "data"
+    old = [q for q in (data, out / "stage0", *out.glob("rate*")) if q.exists()]
+    if old:  # train.py appends to metrics.jsonl and eval.py to nothing: start the lab's own folders afresh
+        print(f"removing the previous lab run's folders in {out}: {', '.join(q.name for q in old)}")
+        for q in old:
+            shutil.rmtree(q)
     log, res, t_start = [], {"settings": cfg | {"seed": a.seed, "stage3_rate": r3}, "rates": {}}, time.perf_counter()
     seed = ["--seed", str(a.seed)]
 
