@@ -45,7 +45,7 @@ PY = sys.executable
 
 FULL = dict(train=2000, test=200, questions=3, s0_epochs=5, s1_steps=100, s2_steps=800, s3_steps=300,
             rates=[4, 8, 16], limit=None)
-FAST = dict(train=1000, test=100, questions=3, s0_epochs=6, s1_steps=50, s2_steps=600, s3_steps=100,
+FAST = dict(train=2000, test=100, questions=3, s0_epochs=5, s1_steps=50, s2_steps=600, s3_steps=100,
             rates=[16], limit=150)
 # Shared by stages 1-3: LoRA rank 32 (half the width: near full rank at this size), no dropout, batch 32.
 COMMON = ["--lora-r", "32", "--lora-alpha", "64", "--lora-dropout", "0", "--global-batch", "32", "--micro-batch",
@@ -86,7 +86,7 @@ def main(argv=None) -> dict:
         p.error(f"--stage3-rate {r3} is not one of --rates {cfg['rates']}")
     out = Path(a.out or ("out/lab_fast" if a.fast else "out/lab")).resolve()
     data = out / "data"
-    old = [q for q in (data, out / "stage0", *out.glob("rate*")) if q.exists()]
+    old = [q for q in (data, out / "stage0", *out.glob("rate[0-9]*")) if q.is_dir()]
     if old:  # train.py appends to metrics.jsonl and eval.py to nothing: start the lab's own folders afresh
         print(f"removing the previous lab run's folders in {out}: {', '.join(q.name for q in old)}")
         for q in old:
