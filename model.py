@@ -117,6 +117,7 @@ PRESETS = {
     # Trains on a laptop CPU in seconds; vocab_size is normally overridden by the tokenizer's size.
     "tiny": dict(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
                  intermediate_size=176, norm_eps=1e-5, rope_theta=10000.0, dtype="float32"),
+    # Twice as wide; in the lab probe's figures (BENCHMARKS.md), not used by the lab itself.
     "small": dict(vocab_size=512, dim=128, n_layers=2, n_heads=4, n_kv_heads=4, head_dim=32,
                   intermediate_size=384, norm_eps=1e-5, rope_theta=10000.0, dtype="float32"),
     # Mistral-7B-Instruct-v0.2 (the CLaRa base model).

@@ -1,9 +1,10 @@
 """The smallest CLaRa learning experiment: can a tiny model answer ONE kind of question from ONE document?
 
-This is the probe behind the (unfinished) CPU lab of issue 7. Each held-out question ("What does <person> work
+This is the probe behind the CPU lab (bench/lab.py) of issue 7. Each held-out question ("What does <person> work
 as?") comes with exactly the document that answers it, so the answer is one word to find in one document;
 the question's person never appears in training, so memorising people does not help. Three ways to read the
-document, all trained from random weights with the same decoder, prompt, loss and optimizer:
+document, all trained with the same decoder, prompt, loss and optimizer, from random weights or, with --base, on
+a pretrained base (train.py --stage 0; with --train-base 0 it stays frozen, as in the method):
 
   text         the document's text in the prompt (eval.py's raw-text baseline)
   compressed   the method: the encoder turns the document into doc_len / rate memory vectors (clara.py)
@@ -12,8 +13,10 @@ document, all trained from random weights with the same decoder, prompt, loss an
                answer is among them). It shows the decoder side can read memory slots.
 
     python bench/lab_probe.py --mode text --tie 1                        # learns: ~75% held-out at 300 steps
-    python bench/lab_probe.py --mode compressed --tie 1                  # stays at chance (see BENCHMARKS.md)
+    python bench/lab_probe.py --mode compressed --tie 1                  # shared trained base: stays at chance
     python bench/lab_probe.py --mode embeddings --tie 1 --answer-only-docs   # 100% by step 150
+    python bench/lab_probe.py --base out/lab/stage0/base --train-base 0 --lora-r 32 --rate 4   # the method on a
+                                                         # frozen stage-0 base: 100% by step 100 (test_lab.py)
 
 Every --eval-every steps it prints, on held-out and on training questions: mean cross-entropy of the answer
 tokens (answer + </s>) and teacher-forced exact match (every answer token is the argmax). Numbers are from
