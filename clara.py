@@ -121,6 +121,11 @@ def build_prompt(kind: str, docs: str, question: str = "", qa: list[tuple[str, s
     raise ValueError(f"unknown prompt kind {kind!r}")
 
 
+def text_prompt(question: str, docs: list[str]) -> str:
+    """The raw-text answer prompt (the uncompressed baseline, and stage-0 QA text): the documents one per line."""
+    return build_prompt("answer", "\n".join(docs), question=question)[0]
+
+
 # ----------------------------------------------------------------------------------------------------
 # The model
 
@@ -412,7 +417,7 @@ class Clara(nn.Module):
         (the paper's "Mistral-7B w/ retrieval" row). Unlike the official method, changes no model state.
         """
         self._check_docs(questions, documents)
-        prompts = [build_prompt("answer", "\n".join(d), question=q)[0] for q, d in zip(questions, documents)]
+        prompts = [text_prompt(q, d) for q, d in zip(questions, documents)]
         return self._generate(prompts, None, max_new_tokens, adapter)
 
     def generate_closed_book(self, questions: list[str], max_new_tokens: int = 128,

@@ -95,7 +95,7 @@ from typing import Hashable, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
-from clara import Clara, build_prompt
+from clara import Clara, build_prompt, text_prompt
 from data import DataError
 from topk import topk_select
 
@@ -389,11 +389,6 @@ def timed_generation(clara: Clara, clock, generate_fn) -> tuple[list[str], dict]
 def memory_prompt(clara: Clara, question: str, k: int) -> str:
     """The prompt of the compressed and retrieval modes: k memory slots <MEM0..M-1><SEP> and the question."""
     return build_prompt("answer", clara.mem_slots * k, question=question)[0]
-
-
-def text_prompt(question: str, docs: list[str]) -> str:
-    """The raw-text prompt, as Clara.generate_from_text builds it: the documents one per line."""
-    return build_prompt("answer", "\n".join(docs), question=question)[0]
 
 
 def closed_book_prompt(question: str) -> str:

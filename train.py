@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from clara import PROMPT_TEXTS, Clara, ClaraConfig, build_prompt, replace_dir
+from clara import PROMPT_TEXTS, Clara, ClaraConfig, replace_dir, text_prompt
 from data import DataError, JsonlDataset, Tokenizer, batches, left_pad, train_tokenizer, validate_record
 from model import ModelConfig, PRESETS, Transformer
 
@@ -71,8 +71,8 @@ def parse_args(argv=None):
                         "0 (not CLaRa) plain language-model pretraining of the base decoder on text")
     g.add_argument("--model", default="tiny", help=f"HF model directory (Mistral/Llama) or a preset: {sorted(PRESETS)}")
     g.add_argument("--data", nargs="+", default=None, help="JSONL file(s) in the official format of the stage "
-                   "(default: data/sample/stage{N}.jsonl); stage 0: text files, one text per line, or .jsonl "
-                   "files of {\"text\": ...} (required)")
+                   "(default: data/sample/stage{N}.jsonl); stage 0 (required): text files, one text per line, "
+                   "or .jsonl files of {\"text\": ...} or of CLaRa records, read as raw-text QA (read_texts)")
     g.add_argument("--out", default=None, help="output directory (default: out/stage{N})")
     g.add_argument("--init", default=None, help="previous stage's checkpoint (stage 2 from 1, stage 3 from 2)")
     g.add_argument("--resume", action="store_true", help="continue from OUT/resume exactly where it stopped")
@@ -300,17 +300,15 @@ def read_texts(paths) -> list[str]:
                 if r["data_type"] == "paraphrase":
                     texts.append(r["answers"][0])
                 else:
-                    docs = "\n".join(r["docs"])
-                    texts += [build_prompt("answer", docs, question=q)[0] + f" {ans}</s>"
-                              for q, ans in zip(r["question"], r["answers"])]
+                    texts += [f"{text_prompt(q, r['docs'])} {ans}</s>" for q, ans in zip(r["question"], r["answers"])]
                 continue
             if isinstance(r, dict) and "text" not in r and {"question", "docs", "answer"} <= r.keys():
-                q, docs, ans = r["question"], r["docs"], r["answer"]
-                if not (isinstance(q, str) and isinstance(ans, str) and isinstance(docs, list)
-                        and all(isinstance(d, str) for d in docs)):
-                    raise SystemExit(f"{path}:{n}: a stage-2 record needs string 'question' and 'answer' and a "
-                                     "list of strings 'docs'")
-                texts.append(build_prompt("answer", "\n".join(docs), question=q)[0] + f" {ans}</s>")
+                try:
+                    r = validate_record(r, 2, f"{path}:{n}")
+                except DataError as e:
+                    raise SystemExit(f"{path}:{n}: a stage-2 record needs a string question and answer and a list "
+                                     f"of documents: {e}") from None
+                texts.append(f"{text_prompt(r['question'], r['docs'])} {r['answer']}</s>")
                 continue
             text = r.get("text") if isinstance(r, dict) else None
             if not isinstance(text, str) or not text.strip():
