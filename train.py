@@ -246,6 +246,18 @@ def save_all(clara, opt, a, step, position, rank):
         dist.barrier()
 
 
+def open_metrics(path: Path, resumed_step: int | None):
+    """metrics.jsonl for appending: a fresh run starts it empty (a second run into the same --out does not
+    mix its curve into the first's); a resumed run keeps the lines up to the step it resumes from and drops
+    any logged after that save by the interrupted run, so the file reads as one uninterrupted run."""
+    keep = []
+    if resumed_step is not None and path.exists():
+        keep = [line for line in path.read_text().splitlines(keepends=True)
+                if line.strip() and json.loads(line).get("step", 0) <= resumed_step]
+    path.write_text("".join(keep))
+    return open(path, "a")
+
+
 def load_resume(clara, opt, a):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict, StateDictOptions
@@ -347,7 +359,7 @@ def pretrain_base(a, device, dtype):
     n_params = sum(p.numel() for p in model.parameters())
     print0(f"stage 0: {len(rows)} texts, {total} steps of {a.global_batch}, {n_params:,} parameters, "
            f"vocabulary {tok.vocab_size}, device {device}, {dtype}")
-    log = open(a.out / "metrics.jsonl", "a")
+    log = open_metrics(a.out / "metrics.jsonl", None)
     for step in range(total):
         t0 = time.perf_counter()
         epoch, i = divmod(step, steps_per_epoch)
@@ -439,7 +451,7 @@ def main(argv=None):
 
     from tqdm import tqdm
     bar = tqdm(total=total, initial=step, disable=rank != 0, desc=f"stage {a.stage}", dynamic_ncols=True)
-    log = open(a.out / "metrics.jsonl", "a") if rank == 0 else None
+    log = open_metrics(a.out / "metrics.jsonl", step if a.resume else None) if rank == 0 else None
     truncated_reported = False
     clara.train()
     data_iter, iter_epoch = None, None

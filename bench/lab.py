@@ -87,7 +87,7 @@ def main(argv=None) -> dict:
     out = Path(a.out or ("out/lab_fast" if a.fast else "out/lab")).resolve()
     data = out / "data"
     old = [q for q in (data, out / "stage0", *out.glob("rate[0-9]*")) if q.is_dir()]
-    if old:  # train.py appends to metrics.jsonl and eval.py to nothing: start the lab's own folders afresh
+    if old:  # no stale checkpoint, eval or data file of another setting can mix into this run's results
         print(f"removing the previous lab run's folders in {out}: {', '.join(q.name for q in old)}")
         for q in old:
             shutil.rmtree(q)

@@ -79,14 +79,21 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     args = ["--max-steps", "6", "--lr", "3e-3", "--lora-dropout", "0.1", "--save-every", "2"]
     full = run(tmp_path / "a", 1, *args)
     run(tmp_path / "b", 1, *args, "--stop-after", "3")  # "killed" after step 3 (saved at 3)
+    with open(tmp_path / "b" / "metrics.jsonl", "a") as f:  # a step the killed run logged after its last save
+        f.write(json.dumps({"step": 4, "loss": 99.0}) + "\n")
     resumed = run(tmp_path / "b", 1, *args, "--resume")
-    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]  # one curve: the stale step 4 is gone
     assert losses(resumed) == pytest.approx(losses(full), abs=1e-6)
     a = Clara.from_pretrained(tmp_path / "a" / "checkpoint").state_to_save()
     b = Clara.from_pretrained(tmp_path / "b" / "checkpoint").state_to_save()
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+
+
+def test_a_fresh_run_starts_its_metrics_afresh(tmp_path):
+    run(tmp_path, 1, "--max-steps", "3")
+    assert [r["step"] for r in run(tmp_path, 1, "--max-steps", "2")] == [1, 2]  # not 1, 2, 3, 1, 2
 
 
 def test_bad_data_never_touches_the_last_checkpoint(stage1, tmp_path):
