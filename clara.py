@@ -121,6 +121,23 @@ def build_prompt(kind: str, docs: str, question: str = "", qa: list[tuple[str, s
     raise ValueError(f"unknown prompt kind {kind!r}")
 
 
+def retrieval_infonce(scores: torch.Tensor, pos_index: list[list[int]], tau: float = 0.02) -> torch.Tensor:
+    """Multi-positive InfoNCE over cosine scores, averaged over rows (CLARA_SPEC.md §5, the official optional
+    retrieval warm-up; supervised by pos_index, so NOT the end-to-end stage 3, which never sees pos_index):
+
+        loss_b = -log( sum_{p in pos_b} exp(s_bp / tau) / sum_n exp(s_bn / tau) )
+
+    scores (B, N); pos_index: the positives of each row (a row without positives is an error).
+    """
+    if any(not p for p in pos_index):
+        raise ValueError("retrieval_infonce: every row needs at least one positive in pos_index")
+    z = scores.float() / tau  # (B, N)
+    pos = torch.zeros_like(z, dtype=torch.bool)
+    for b, p in enumerate(pos_index):
+        pos[b, p] = True
+    return (torch.logsumexp(z, 1) - torch.logsumexp(z.masked_fill(~pos, float("-inf")), 1)).mean()
+
+
 def text_prompt(question: str, docs: list[str]) -> str:
     """The raw-text answer prompt (the uncompressed baseline, and stage-0 QA text): the documents one per line."""
     return build_prompt("answer", "\n".join(docs), question=question)[0]
@@ -348,18 +365,30 @@ class Clara(nn.Module):
         top_k = top_k or self.cfg.generation_top_k
         if top_k > n_candidates:
             raise ValueError(f"top-k {top_k} is larger than the number of candidates {n_candidates}")
-        B = batch["q_ids"].shape[0]
-        was_training = self.model.training
-        with torch.no_grad():  # documents: frozen encoder, and no LoRA dropout (an official defect)
-            self.model.eval()
-            docs, _ = self.compress(batch["enc_ids"], batch["enc_mask"])  # (B*N, M, H)
-            self.model.train(was_training)
-        D = docs.view(B, n_candidates, -1).float()  # (B, N, M*H)
-        q, _ = self.compress(batch["q_ids"], batch["q_mask"], adapter="query")  # (B, M, H)
-        scores = F.cosine_similarity(q.reshape(B, 1, -1).float(), D, dim=-1)  # (B, N), fp32
+        scores, D = self.score_candidates(batch, n_candidates)  # (B, N), (B, N, M*H)
         W, idx = topk_select(scores, top_k, self.cfg.tau, self.cfg.topk_estimator, training=self.training)
         selected = torch.einsum("bkn,bnd->bkd", W, D)  # (B, K, M*H): slot j holds the j-th ranked doc
-        return selected.view(B, top_k, self.cfg.n_mem, -1), idx, scores
+        return selected.view(scores.shape[0], top_k, self.cfg.n_mem, -1), idx, scores
+
+    def score_candidates(self, batch: dict, n_candidates: int, train_encoder: bool = False):
+        """Cosine scores (B, N) in fp32 between the query reasoner's question vector and each candidate's
+        memory, and the candidates' memory D (B, N, M*H) in fp32.
+
+        As in stage 3 the documents go through the frozen encoder under no_grad with dropout off;
+        train_encoder=True keeps their graph instead (bench/lab_retrieval.py's upper bound, not the method).
+        """
+        B = batch["q_ids"].shape[0]
+        if train_encoder:
+            docs, _ = self.compress(batch["enc_ids"], batch["enc_mask"])  # (B*N, M, H)
+        else:
+            was_training = self.model.training
+            with torch.no_grad():  # documents: frozen encoder, and no LoRA dropout (an official defect)
+                self.model.eval()
+                docs, _ = self.compress(batch["enc_ids"], batch["enc_mask"])  # (B*N, M, H)
+                self.model.train(was_training)
+        D = docs.view(B, n_candidates, -1).float()  # (B, N, M*H)
+        q, _ = self.compress(batch["q_ids"], batch["q_mask"], adapter="query")  # (B, M, H)
+        return F.cosine_similarity(q.reshape(B, 1, -1).float(), D, dim=-1), D  # (B, N) fp32
 
     def total_loss(self, out: dict, n_tokens=None) -> torch.Tensor:
         """CE averaged over target tokens (`n_tokens` may be the global count across accumulation steps

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from clara import (PARAPHRASE_TEMPLATES, SYSTEM_ANSWER, SYSTEM_QA, Clara, ClaraConfig, MemoryBank,
-                   build_prompt)
+                   build_prompt, retrieval_infonce)
 from data import Tokenizer
 from model import Transformer
 
@@ -185,6 +185,36 @@ def test_stage3_gradient_through_topk_not_encoder(tiny_base):
     assert any(n.endswith(".query") for n in got), "no gradient reached the query reasoner through the top-k"
     assert not any(n.endswith(".encoder") for n in got), "the encoder must be frozen in stage 3"
     assert any(n.endswith(".decoder") for n in got)
+
+
+def test_score_candidates_is_what_retrieve_ranks_and_can_train_the_encoder(tiny_base):
+    c = make(tiny_base, stage=3)
+    c.model.copy_adapter("encoder", "query")
+    batch = c.collate(records(3), stage=3)
+    c.eval()
+    selected, idx, scores = c.retrieve(batch, 4, top_k=2)
+    s, D = c.score_candidates(batch, 4)
+    torch.testing.assert_close(s, scores, atol=0, rtol=0)
+    assert idx.tolist() == s.topk(2, dim=1).indices.tolist()
+    torch.testing.assert_close(selected.reshape(2, 2, -1), D[torch.arange(2)[:, None], idx])  # (B, K, M*H)
+    c.trainable_parameters(3)
+    for p in c.model.adapter_parameters("encoder").values():
+        p.requires_grad_(True)
+    c.score_candidates(batch, 4)[0].sum().backward()  # frozen documents: no gradient to the encoder
+    assert all(p.grad is None for p in c.model.adapter_parameters("encoder").values())
+    c.score_candidates(batch, 4, train_encoder=True)[0].sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in c.model.adapter_parameters("encoder").values())
+
+
+def test_retrieval_infonce_hand_computed():
+    s = torch.tensor([[0.9, 0.1, 0.5], [0.2, 0.4, 0.3]])
+    tau = 0.5
+    e = (s / tau).exp()
+    want = -(torch.log(e[0, 0] / e[0].sum()) + torch.log((e[1, 1] + e[1, 2]) / e[1].sum())) / 2
+    torch.testing.assert_close(retrieval_infonce(s, [[0], [1, 2]], tau), want)
+    assert retrieval_infonce(s, [[0, 1, 2], [0, 1, 2]], tau).abs() < 1e-6  # every candidate positive: log 1
+    with pytest.raises(ValueError, match="at least one positive"):
+        retrieval_infonce(s, [[0], []], tau)
 
 
 def test_checkpoint_round_trip(tiny_base, tmp_path):
