@@ -123,6 +123,8 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--order-seed", type=int, default=None, help="seed of the training batches' order alone "
+                   "(default: --seed); with everything else fixed it decides whether reading breaks through")
     p.add_argument("--out", default="out/lab_probe", help="data and the curve (curve.json)")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -151,7 +153,7 @@ def main(argv=None):
     # adapters + <MEMi> rows (the stage-1 set), and with --train-base 1 every base weight too
     params = list(clara.trainable_parameters(1, train_base=bool(a.train_base)).values())
     opt = torch.optim.AdamW(params, lr=a.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    probe, rng = Probe(clara, a.mode), random.Random(a.seed)
+    probe, rng = Probe(clara, a.mode), random.Random(a.seed if a.order_seed is None else a.order_seed)
     print(f"{a.mode}: {len(train)} training / {len(test)} held-out '{a.fact}' questions, "
           f"{sum(q.numel() for q in params):,} parameters", flush=True)
     curve, t0 = [], time.perf_counter()

@@ -8,11 +8,17 @@ frozen base for one question type (bench/lab_probe.py, 100 steps). Bounds are se
   - the stage-0 base reads raw text far above closed book: 24.0 / 44.7 / 34.7 vs 2.7 / 6.0 / 3.3 % over three
     fast runs (2 seeds, 2 sizes);
   - compressed reading, one question type, on the lab's frozen base: held-out exact 1.00 at step 100 on both
-    bases measured (0.57 and 0.98 at step 50).
+    bases measured (0.57 and 0.98 at step 50);
+  - the retrieval path (query reasoner and encoder adapters -> memory -> cosine scores) learns to match PEOPLE'S
+    NAMES when a document is the name alone (bench/lab_retrieval.py --docs name --train-encoder, supervised):
+    held-out hit@1 0.18 -> 0.35 in 150 steps on the fast lab's model, 0.23 -> 0.39 in 200 on the full lab's
+    (chance 0.16).
 
-Not asserted, because it is seed-fragile at the fast size: the fast lab's own compressed exact match after
-600 stage-2 steps (29.3% on seed 0, 2.7-3.3% on seed 1: it memorised the training people instead), and
-stage 3, which does not learn at this scale yet (issue 7); the test checks they run and are reported.
+Not asserted, because it is not reliable at the fast size: the fast lab's own compressed exact match after
+600 stage-2 steps (29.3% / 2.0% on seed 0 with 1,000 / 2,000 people, 2.7-3.3% on seed 1): whether the
+decoder leaves the answer-prior plateau in time depends on the order of the training batches alone
+(BENCHMARKS.md); and stage 3, which does not learn at this scale (the memories of whole documents do not
+carry the name, see lab_retrieval.py); the test checks they run and are reported.
 """
 import sys
 
@@ -28,6 +34,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 def test_fast_lab_runs_and_its_base_and_compressor_learn_to_read(tmp_path):
     import lab
     import lab_probe
+    import lab_retrieval
     out = tmp_path / "lab"
     res = lab.main(["--fast", "--out", str(out)])
     closed, text = res["closed_book"]["em"], res["text"]["em"]
@@ -47,3 +54,8 @@ def test_fast_lab_runs_and_its_base_and_compressor_learn_to_read(tmp_path):
                             "--out", str(tmp_path / "probe")])
     torch.set_num_threads(threads)
     assert curve[0]["heldout_exact"] < 0.2 and curve[-1]["heldout_exact"] > 0.8, curve
+
+    # retrieval: name matching is learnable by the query reasoner + encoder through the cosine scores
+    r = lab_retrieval.main(["--checkpoint", str(out / "rate16" / "stage2" / "checkpoint"), "--data", str(out / "data"),
+                            "--docs", "name", "--train-encoder", "--steps", "150"])
+    assert r["after"]["heldout"] > r["chance"] + 0.08, r  # 0.35 measured, chance 0.16

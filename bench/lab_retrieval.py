@@ -1,0 +1,182 @@
+"""Why stage 3 does not learn in the CPU lab: can ANY query reasoner pick the right document from the memories?
+
+Stage 3 (clara.py `Clara.retrieve`) learns retrieval only from the answer loss, through the straight-through
+top-k. Before blaming the estimator, this probe asks three narrower questions of a stage-2 checkpoint on the
+lab's stage-3 files (question, N candidates, pos_index):
+
+  0. lexical   is the answer in the text? Word overlap (bag of token ids) between question and candidates.
+  1. oracle    is the signal there? The decoder's answer loss with each candidate alone in the memory slot:
+               how often a positive gives the lowest loss (chance: about 1/N).
+  2. gradient  does the end-to-end gradient point at it? How often dL/ds (s: the cosine scores, through the
+               top-k of the current choice, exactly as in training) is most negative at a positive.
+  3. contrast  can the memories be told apart at all? The query reasoner (a copy of the encoder, as stage 3
+               starts) trained for --steps with SUPERVISED multi-positive InfoNCE on pos_index
+               (clara.retrieval_infonce, the official optional warm-up): an upper bound on what the answer loss
+               could teach it. --train-encoder also trains the document encoder (not the method: its encoder is
+               frozen in stage 3); --docs name keeps only each document's person name, which isolates name
+               matching from reading the name out of a whole biography.
+
+    python bench/lab_retrieval.py --checkpoint out/lab/rate16/stage2/checkpoint --data out/lab/data
+    python bench/lab_retrieval.py ... --train-encoder --docs name          # names alone: learnable
+
+It prints held-out and training hit@1 (the top-scored candidate is a positive) before and after, and writes
+nothing. Measured figures and their commands: BENCHMARKS.md, "Stage 3 in the lab".
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from clara import Clara, retrieval_infonce  # noqa: E402
+from data import validate_record  # noqa: E402
+
+NAME = re.compile(r"[A-Z][a-z]+ [A-Z][a-z]+")  # a synthetic person's "First Surname"
+
+
+def load(path: Path, docs: str, limit: int | None) -> list[dict]:
+    rows = []
+    for i, line in enumerate(open(path, encoding="utf-8"), 1):
+        r = validate_record(json.loads(line), 3, f"{path}:{i}")
+        if docs == "name":  # the first "First Surname" of each document: its person (mentors come later)
+            r["docs"] = [NAME.search(d).group(0) for d in r["docs"]]
+        rows.append(r)
+        if limit and len(rows) == limit:
+            break
+    return rows
+
+
+def lexical(clara: Clara, recs: list[dict]) -> float:
+    """hit@1 of plain word overlap: cosine between the question's and each candidate's bag of token ids.
+    Shows the text itself tells the candidates apart (the shared name tokens)."""
+    V = clara.tok.vocab_size
+
+    def bag(text: str) -> torch.Tensor:
+        v = torch.zeros(V)
+        v[clara.tok.encode(text)] = 1.0
+        return v
+    h = 0
+    for r in recs:
+        s = F.cosine_similarity(bag(r["question"])[None], torch.stack([bag(d) for d in r["docs"]]), dim=-1)  # (N,)
+        h += int(s.argmax()) in r["pos_index"]
+    return h / len(recs)
+
+
+def hits(scores: torch.Tensor, recs: list[dict]) -> int:
+    """How many rows have a positive as their top-scored candidate."""
+    return sum(int(t) in r["pos_index"] for t, r in zip(scores.argmax(1).tolist(), recs))
+
+
+@torch.no_grad()
+def hit_rate(clara: Clara, recs: list[dict], n: int, bs: int = 32) -> float:
+    was = clara.training
+    clara.eval()
+    h = sum(hits(clara.score_candidates(clara.collate(recs[i:i + bs], 3), n)[0], recs[i:i + bs])
+            for i in range(0, len(recs), bs))
+    clara.train(was)
+    return h / len(recs)
+
+
+def signal(clara: Clara, recs: list[dict], n: int) -> dict:
+    """1. oracle and 2. gradient, on one batch of training records (the top-1 slot of stage 3)."""
+    clara.eval()
+    batch = clara.collate(recs, 3)
+    B = len(recs)
+    with torch.no_grad():
+        _, D = clara.score_candidates(batch, n)  # (B, N, M*H)
+        ce = torch.stack([per_row_ce(clara, batch["dec"], D[:, j].view(B, 1, clara.cfg.n_mem, -1))
+                          for j in range(n)], 1)  # (B, N): the answer loss with candidate j alone
+    oracle = sum(int(j) in r["pos_index"] for j, r in zip(ce.argmin(1).tolist(), recs)) / B
+    # the end-to-end gradient: the stage-3 loss of the current (hard) choice, back to the scores
+    clara.requires_grad_(False)
+    for p in clara.model.adapter_parameters("query").values():
+        p.requires_grad_(True)
+    clara.train()  # the training path of the top-k (dropout is 0 in the lab)
+    selected, _, scores = clara.retrieve(batch, n, top_k=1)  # (B, 1, M, H), _, (B, N)
+    scores.retain_grad()
+    ce, n_tok = clara.decoder_loss(batch["dec"], selected)
+    (ce / n_tok).backward()
+    grad = scores.grad  # (B, N): dL/ds; most negative = raising that score lowers the loss most
+    toward = sum(int(j) in r["pos_index"] for j, r in zip((-grad).argmax(1).tolist(), recs)) / B
+    return {"oracle": oracle, "gradient": toward, "chance": sum(len(r["pos_index"]) for r in recs) / (B * n)}
+
+
+def per_row_ce(clara: Clara, dec: dict, memory: torch.Tensor) -> torch.Tensor:
+    """Mean answer-token cross-entropy per row (B,), memory (B, 1, M, H) in the one slot."""
+    emb = clara.splice(dec["ids"], memory)  # (B, T, H)
+    h = clara.model(inputs_embeds=emb, attention_mask=dec["mask"], adapter="decoder", output="hidden")
+    labels = dec["labels"][:, 1:]  # (B, T-1)
+    logits = clara.model.output(h[:, :-1]).float()  # (B, T-1, V)
+    ce = F.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none") * (labels != -100)
+    return ce.sum(1) / (labels != -100).sum(1)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="a stage-2 CLaRa checkpoint (its encoder becomes the query)")
+    p.add_argument("--data", required=True, help="folder with stage3.jsonl and test_stage3.jsonl (data.py synth)")
+    p.add_argument("--docs", choices=["full", "name"], default="full", help="name: each document's person name only")
+    p.add_argument("--train-encoder", action="store_true", help="train the document encoder too (not the method)")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--tau", type=float, default=0.05, help="InfoNCE temperature")
+    p.add_argument("--heldout", type=int, default=160, help="held-out questions to score")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    torch.manual_seed(a.seed)
+    data = Path(a.data)
+    train = load(data / "stage3.jsonl", a.docs, None)
+    test = load(data / "test_stage3.jsonl", a.docs, a.heldout)
+    n = len(train[0]["docs"])
+    clara = Clara.from_pretrained(a.checkpoint, training_stage=3)
+    clara.cfg.generation_top_k = 1
+    clara.model.copy_adapter("encoder", "query")  # what train.py --stage 3 starts from
+    res = {"settings": vars(a), "chance": sum(len(r["pos_index"]) for r in test) / (len(test) * n),
+           "lexical": lexical(clara, test)}
+    print(f"0. word overlap (bag of token ids) picks a positive for {res['lexical']:.3f} of held-out questions "
+          f"(chance {res['chance']:.3f})", flush=True)
+    if a.docs == "full":  # the decoder cannot answer from a name alone: 1. and 2. only on real documents
+        res["signal"] = signal(clara, train[:64], n)
+        print(f"1. oracle: a positive gives the lowest answer loss in {res['signal']['oracle']:.2f} of 64 training "
+              f"rows; 2. gradient: dL/ds points at a positive in {res['signal']['gradient']:.2f} "
+              f"(chance {res['signal']['chance']:.2f})", flush=True)
+    adapters = ["query"] + (["encoder"] if a.train_encoder else [])
+    clara.requires_grad_(False)
+    params = [p for ad in adapters for p in clara.model.adapter_parameters(ad).values()]
+    for q in params:
+        q.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=a.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    res["before"] = {"heldout": hit_rate(clara, test, n), "train": hit_rate(clara, train[:a.heldout], n)}
+    print(f"3. contrast ({', '.join(adapters)} trained, docs {a.docs}): hit@1 before: held-out "
+          f"{res['before']['heldout']:.3f}, train {res['before']['train']:.3f} (chance {res['chance']:.3f})", flush=True)
+    rng, t0, curve = random.Random(a.seed), time.perf_counter(), []
+    clara.train()
+    for step in range(1, a.steps + 1):
+        recs = rng.sample(train, a.batch)
+        scores, _ = clara.score_candidates(clara.collate(recs, 3), n, train_encoder=a.train_encoder)
+        loss = retrieval_infonce(scores, [r["pos_index"] for r in recs], a.tau)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        curve.append(loss.item())
+        if step % 50 == 0 or step == a.steps:
+            print(f"  step {step} InfoNCE {sum(curve[-50:]) / len(curve[-50:]):.3f} "
+                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    res["after"] = {"heldout": hit_rate(clara, test, n), "train": hit_rate(clara, train[:a.heldout], n)}
+    res["loss"] = curve
+    print(f"   after {a.steps} steps: held-out {res['after']['heldout']:.3f}, train {res['after']['train']:.3f}")
+    return res
+
+
+if __name__ == "__main__":
+    main()
