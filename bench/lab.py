@@ -15,7 +15,7 @@ It runs the same commands a reader would type (each is printed before it runs) a
   4. stage 3  from the stage-2 model of --stage3-rate: retrieval among N=8 candidates (the person's
               document and 7 similar people's) before stage 3 (the query reasoner = a copy of the encoder,
               untrained) and after, with the answer accuracy of both. At this scale it does not learn yet:
-              recall@1 stays at chance (README, BENCHMARKS.md)
+              recall@1 stays at chance (README, BENCHMARKS.md; bench/lab_retrieval.py shows why)
 
 Outputs in --out: every stage's directory, `results.json` (every number below), `results.md` (the tables
 the README shows) and two pictures, `rate_curve.svg` and `stage3_curve.svg` (hand-written SVG, no plotting
