@@ -175,6 +175,7 @@ class Clara(nn.Module):
             model.add_adapter(name, cfg.lora)
         if cfg.training_stage == 3:
             model.add_adapter("query", cfg.lora)
+        self.loaded_adapters: set[str] = set()  # the adapters from_pretrained read from a checkpoint
         # The <MEMi> input embeddings train in stage 1 (CLARA_SPEC.md §2). Rather than a gradient mask over
         # the whole (V, H) embedding (and AdamW state for all of it), they live in their own (M, H)
         # parameter, used by `embed`, and are written into the embedding rows when a checkpoint is saved.
@@ -587,6 +588,7 @@ def _load_native(cls, path, base_model, dtype, device, compr_rate, training_stag
 
 def _assign_state(clara: Clara, sd: dict, where, adapters):
     """Copy a `state_to_save` dict into the model; every key must match a tensor of the same shape."""
+    clara.loaded_adapters = set(adapters)
     params = dict(clara.model.named_parameters())
     V0 = int(clara.mem_ids[0])
     with torch.no_grad():

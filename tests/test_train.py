@@ -73,6 +73,13 @@ def test_stage2_from_stage1_and_stage3_from_stage2(stage1, tmp_path):
     # the encoder is frozen in stage 3: identical to stage 2's
     enc3 = c3.model.adapter_parameters("encoder")
     assert all(torch.equal(enc2[k], enc3[k]) for k in enc2)
+    # stage 3 from a stage-3 checkpoint continues ITS query reasoner (not a fresh copy of the encoder)
+    run(tmp_path / "s3b", 3, "--init", str(s3 / "checkpoint"), "--max-steps", "1", "--top-k", "2", "--lr", "0",
+        "--max-len", "400", "--data", one_batch(tmp_path, 3))
+    q3 = c3.model.adapter_parameters("query")
+    q3b = Clara.from_pretrained(tmp_path / "s3b" / "checkpoint").model.adapter_parameters("query")
+    assert all(torch.equal(q3[k], q3b[k]) for k in q3)
+    assert any(not torch.equal(q3[k], enc3[k.replace(".query", ".encoder")]) for k in q3)
 
 
 def test_kill_and_resume_equals_uninterrupted(tmp_path):
