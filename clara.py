@@ -121,13 +121,15 @@ def build_prompt(kind: str, docs: str, question: str = "", qa: list[tuple[str, s
     raise ValueError(f"unknown prompt kind {kind!r}")
 
 
-def retrieval_infonce(scores: torch.Tensor, pos_index: list[list[int]], tau: float = 0.02) -> torch.Tensor:
+def retrieval_infonce(scores: torch.Tensor, pos_index: list[list[int]], tau: float = 0.02,
+                      reduction: str = "mean") -> torch.Tensor:
     """Multi-positive InfoNCE over cosine scores, averaged over rows (CLARA_SPEC.md §5, the official optional
     retrieval warm-up; supervised by pos_index, so NOT the end-to-end stage 3, which never sees pos_index):
 
         loss_b = -log( sum_{p in pos_b} exp(s_bp / tau) / sum_n exp(s_bn / tau) )
 
-    scores (B, N); pos_index: the positives of each row (a row without positives is an error).
+    scores (B, N); pos_index: the positives of each row (a row without positives is an error);
+    reduction "mean" or "sum" over rows (train.py sums, then divides by the rows of the whole step).
     """
     if any(not p for p in pos_index):
         raise ValueError("retrieval_infonce: every row needs at least one positive in pos_index")
@@ -135,7 +137,8 @@ def retrieval_infonce(scores: torch.Tensor, pos_index: list[list[int]], tau: flo
     pos = torch.zeros_like(z, dtype=torch.bool)
     for b, p in enumerate(pos_index):
         pos[b, p] = True
-    return (torch.logsumexp(z, 1) - torch.logsumexp(z.masked_fill(~pos, float("-inf")), 1)).mean()
+    loss = torch.logsumexp(z, 1) - torch.logsumexp(z.masked_fill(~pos, float("-inf")), 1)  # (B,)
+    return loss.sum() if reduction == "sum" else loss.mean()
 
 
 def text_prompt(question: str, docs: list[str]) -> str:
@@ -341,13 +344,27 @@ class Clara(nn.Module):
             batch.update(q_ids=q_ids, q_mask=q_mask, pos_index=[r.get("pos_index") for r in records])
         return batch
 
-    def forward(self, batch: dict, stage: int) -> dict:
+    def forward(self, batch: dict, stage: int, objective: str = "answer") -> dict:
         """The training forward is the stage loss (FSDP's hooks run around a module's forward)."""
-        return self.loss(batch, stage)
+        return self.loss(batch, stage, objective)
 
-    def loss(self, batch: dict, stage: int) -> dict:
-        """One stage's loss pieces: {"ce_sum", "n_tokens", "mse", ...}; see `total_loss`."""
+    def loss(self, batch: dict, stage: int, objective: str = "answer") -> dict:
+        """One stage's loss pieces: {"ce_sum", "n_tokens", "mse", ...}; see `total_loss`.
+
+        objective="retrieval_warmup" (stage 3 only): the official optional warm-up instead of the answer
+        loss; "ce_sum" is then the summed InfoNCE of the rows and "n_tokens" their number.
+        """
         B, k = batch["dec"]["ids"].shape[0], batch["docs_per_row"]
+        if objective == "retrieval_warmup":
+            if stage != 3:
+                raise ValueError(f"the retrieval warm-up is a stage-3 objective, got stage {stage}")
+            scores, _ = self.score_candidates(batch, k)  # (B, N)
+            nce = retrieval_infonce(scores, batch["pos_index"], self.cfg.tau, reduction="sum")
+            idx = scores.topk(self.cfg.generation_top_k, dim=1).indices  # (B, K): for recall@k
+            return {"ce_sum": nce, "n_tokens": torch.tensor(B, device=nce.device), "mse": torch.zeros((), device=nce.device),
+                    "topk": idx}
+        if objective != "answer":
+            raise ValueError(f"objective must be 'answer' or 'retrieval_warmup', got {objective!r}")
         if stage in (1, 2):
             mem, mse = self.compress(batch["enc_ids"], batch["enc_mask"])  # (B*k, M, H)
             ce, n = self.decoder_loss(batch["dec"], mem.view(B, k, *mem.shape[1:]))

@@ -94,6 +94,10 @@ def parse_args(argv=None):
         g.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=hlp)
     g.add_argument("--candidates", type=int, default=None, help="stage 3: required number of candidates per question "
                    "(default: whatever the data holds, equal within a batch)")
+    g.add_argument("--retrieval-warmup", action="store_true",
+                   help="stage 3: the official optional warm-up (stage2_pretrain_retrieval) instead of end-to-end "
+                   "training: only the query reasoner trains, with multi-positive InfoNCE at --tau over the cosine "
+                   "scores, supervised by every record's pos_index; its checkpoint can --init a stage-3 run")
     g.add_argument("--topk-estimator", default="straight_through", choices=("straight_through", "gumbel", "soft"),
                    help="stage 3 top-k gradient estimator (topk.py)")
     g.add_argument("--train-base", type=int, choices=(0, 1), default=None,
@@ -123,6 +127,8 @@ def parse_args(argv=None):
         p.error("--stage 0 needs --data (text to pretrain the base on; there is no sample)")
     if args.tie_embeddings and (args.model not in PRESETS or args.init):
         p.error("--tie-embeddings 1 shapes a new preset model; a checkpoint (--model DIR or --init) keeps its own")
+    if args.retrieval_warmup and args.stage != 3:
+        p.error(f"--retrieval-warmup trains stage 3's query reasoner; it cannot run with --stage {args.stage}")
     args.data = args.data or [str(ROOT / f"data/sample/stage{args.stage}.jsonl")]
     args.out = Path(args.out or f"out/stage{args.stage}")
     preset = STAGES[args.stage] | (TINY if args.model in PRESETS and args.model != "mistral-7b" else {})
@@ -258,6 +264,16 @@ def open_metrics(path: Path, resumed_step: int | None):
                 if line.strip() and json.loads(line).get("step", 0) <= resumed_step]
     path.write_text("".join(keep))
     return open(path, "a")
+
+
+def check_warmup(records: list[dict], a) -> list[dict]:
+    """--retrieval-warmup is supervised: every record must name its positive documents."""
+    if a.retrieval_warmup:
+        for r in records:
+            if not r.get("pos_index"):
+                raise SystemExit(f"{r['_where']}: --retrieval-warmup needs a non-empty 'pos_index' (the positive "
+                                 f"documents) in every record")
+    return records
 
 
 def load_resume(clara, opt, a):
@@ -437,6 +453,9 @@ def main(argv=None):
     clara = build_clara(a, dataset, device, torch.float32 if distributed else dtype, rank)
     clara.model.activation_checkpointing = a.activation_checkpointing
     params = clara.trainable_parameters(a.stage, train_base=a.train_base)
+    if a.retrieval_warmup:  # the query reasoner alone: the decoder is not run
+        for k in [k for k in params if not k.endswith(".query")]:
+            params.pop(k).requires_grad_(False)
     n_train = sum(p.numel() for p in params.values())
     n_base = sum(p.numel() for n, p in clara.model.named_parameters() if "lora_" not in n)
     if distributed:
@@ -464,11 +483,12 @@ def main(argv=None):
         if iter_epoch != epoch or data_iter is None:  # (re)open the stream at this step's position
             data_iter = batches(dataset, a.micro_batch, epoch, a.seed, rank, world, start_batch=in_epoch * accum)
             iter_epoch = epoch
-        micro = [clara.collate(next(data_iter), a.stage, seed=a.seed) for _ in range(accum)]
+        micro = [clara.collate(check_warmup(next(data_iter), a), a.stage, seed=a.seed) for _ in range(accum)]
         if a.candidates and a.stage == 3 and micro[0]["docs_per_row"] != a.candidates:
             raise SystemExit(f"--candidates {a.candidates}: the data holds {micro[0]['docs_per_row']} per question")
         # The step's loss is normalised by ALL its target tokens: count them first, across ranks.
-        n_tokens = torch.tensor(float(sum(int((m["dec"]["labels"] != -100).sum()) for m in micro)), device=device)
+        n_tokens = torch.tensor(float(sum(len(m["pos_index"]) if a.retrieval_warmup else
+                                          int((m["dec"]["labels"] != -100).sum()) for m in micro)), device=device)
         if distributed:
             dist.all_reduce(n_tokens)
         n_tokens.clamp_(min=1)  # a step whose targets were all cut by --max-len contributes no CE
@@ -477,7 +497,7 @@ def main(argv=None):
         torch.manual_seed(a.seed * 100003 + step * world + rank)  # LoRA dropout: a function of the step
         ce_total, mse_total, hits, n_pos, truncated, tokens = 0.0, 0.0, 0.0, 0, 0, 0
         for m in micro:
-            out = clara(m, a.stage)
+            out = clara(m, a.stage, "retrieval_warmup" if a.retrieval_warmup else "answer")
             # FSDP averages gradients over ranks, hence * world: the sum of CE over the step / its tokens.
             loss = out["ce_sum"] * world / n_tokens + a.mse_weight * out["mse"] / accum
             loss.backward()
@@ -508,7 +528,8 @@ def main(argv=None):
                    f"({int(stats[4])} in step {step}; reported once)")
             truncated_reported = True
         dt = time.perf_counter() - t0
-        rec = {"step": step, "loss": ce + a.mse_weight * mse, "ce": ce, "mse": mse, "lr": opt.param_groups[0]["lr"],
+        rec = {"step": step, "loss": ce + a.mse_weight * mse, "infonce" if a.retrieval_warmup else "ce": ce, "mse": mse,
+               "lr": opt.param_groups[0]["lr"],
                "grad_norm": float(grad_norm), "tokens_per_s": stats[5].item() / dt,
                "samples_per_s": a.global_batch / dt}
         if a.stage == 3 and stats[3] > 0:

@@ -82,6 +82,44 @@ def test_stage2_from_stage1_and_stage3_from_stage2(stage1, tmp_path):
     assert any(not torch.equal(q3[k], enc3[k.replace(".query", ".encoder")]) for k in q3)
 
 
+def test_retrieval_warmup_trains_the_query_reasoner_alone(stage1, tmp_path):
+    s1, _ = stage1
+    s2 = tmp_path / "s2"
+    run(s2, 2, "--init", str(s1 / "checkpoint"), "--max-steps", "1", "--top-k", "5", "--max-len", "400",
+        "--data", one_batch(tmp_path, 2))
+    # 4 questions, each with the same 4 unrelated documents in another order: one batch, seen every step
+    docs = ["Paris is the capital of France.", "The quick brown fox jumps over the lazy dog.",
+            "Alice wrote the book in 1999.", "Documents are compressed into memory tokens."]
+    qs = ["Which city is the capital of France?", "What does the quick brown fox jump over?",
+          "When did Alice write the book?", "What are documents compressed into?"]
+    easy = tmp_path / "easy.jsonl"
+    easy.write_text("".join(json.dumps({"question": q, "docs": docs[i:] + docs[:i], "answer": "x", "pos_index": [0]})
+                            + "\n" for i, q in enumerate(qs)))
+    w = tmp_path / "warm"
+    log = run(w, 3, "--init", str(s2 / "checkpoint"), "--retrieval-warmup", "--max-steps", "20", "--top-k", "1",
+              "--lr", "3e-3", "--tau", "0.02", "--data", str(easy))
+    assert "infonce" in log[0] and "ce" not in log[0]
+    # measured: 1.38 -> 0.98 over 20 steps (log 4 = 1.39 is a uniform choice), recall@1 0.75 -> 1.0
+    assert log[-1]["infonce"] < 0.85 * log[0]["infonce"], [r["infonce"] for r in log]
+    assert log[-1]["recall@1"] == 1.0, log[-1]
+    c2, cw = Clara.from_pretrained(s2 / "checkpoint"), Clara.from_pretrained(w / "checkpoint")
+    for name, same in [("encoder", True), ("decoder", True)]:
+        a, b = c2.model.adapter_parameters(name), cw.model.adapter_parameters(name)
+        assert all(torch.equal(a[k], b[k]) for k in a) == same, name
+    q, e = cw.model.adapter_parameters("query"), c2.model.adapter_parameters("encoder")
+    assert any(not torch.equal(q[k], e[k.replace(".query", ".encoder")]) for k in q)  # it moved off the copy
+    # supervised: a record without pos_index is an error naming it; and stage 3 only
+    bad = tmp_path / "nopos.jsonl"
+    rows = [json.loads(x) for x in open(one_batch(tmp_path, 3))]
+    rows[2].pop("pos_index")
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(SystemExit, match=r"nopos.jsonl:3.*pos_index"):
+        run(tmp_path / "bad", 3, "--init", str(s2 / "checkpoint"), "--retrieval-warmup", "--max-steps", "1",
+            "--top-k", "1", "--data", str(bad))
+    with pytest.raises(SystemExit):
+        train.parse_args(["--stage", "2", "--retrieval-warmup"])
+
+
 def test_kill_and_resume_equals_uninterrupted(tmp_path):
     args = ["--max-steps", "6", "--lr", "3e-3", "--lora-dropout", "0.1", "--save-every", "2"]
     full = run(tmp_path / "a", 1, *args)
