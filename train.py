@@ -4,6 +4,7 @@
     torchrun --nproc_per_node=8 train.py --stage 1 --model /models/Mistral-7B-Instruct-v0.2 --data pretrain.jsonl
     torchrun --nproc_per_node=8 train.py --stage 2 --init out/stage1/checkpoint --data instruct.jsonl
     torchrun --nproc_per_node=8 train.py --stage 3 --init out/stage2/checkpoint --data e2e.jsonl
+    train.py --stage 3 --retrieval-warmup ...                  # optional: InfoNCE on pos_index, query alone
     python train.py --stage 0 --data corpus.txt --out out/stage0   # CPU lab only: make a tiny base first
 
 Stage 0 is not part of CLaRa: the paper starts from a pretrained instruction model, while a preset starts
@@ -22,7 +23,8 @@ resumed run ends with exactly the parameters of an uninterrupted one.
 Outputs in --out: `checkpoint/` (the CLaRa checkpoint: Clara.from_pretrained, eval.py), `resume/` (sharded
 optimizer + trainable state + data position, torch.distributed.checkpoint), `metrics.jsonl`, and for a
 model built from a preset, `base/` (the base decoder and its tokenizer). Every directory is replaced
-atomically: a crash while saving leaves the previous one intact.
+atomically: a crash while saving leaves the previous one intact. metrics.jsonl starts afresh with each run
+(a --resume keeps the lines up to its step).
 """
 from __future__ import annotations
 
