@@ -9,16 +9,17 @@ frozen base for one question type (bench/lab_probe.py, 100 steps). Bounds are se
     fast runs (2 seeds, 2 sizes);
   - compressed reading, one question type, on the lab's frozen base: held-out exact 1.00 at step 100 on both
     bases measured (0.57 and 0.98 at step 50);
-  - the retrieval path (query reasoner and encoder adapters -> memory -> cosine scores) learns to match PEOPLE'S
-    NAMES when a document is the name alone (bench/lab_retrieval.py --docs name --train-encoder, supervised):
-    held-out hit@1 0.18 -> 0.35 in 150 steps on the fast lab's model, 0.23 -> 0.39 in 200 on the full lab's
-    (chance 0.16).
+  - the stage-3 candidates can be told apart from their text: word overlap between question and document
+    picks a positive for 0.96 / 0.87 of held-out questions (fast / full lab; chance 0.16), so a retrieval
+    failure is the model's, not the data's (bench/lab_retrieval.py, which runs here end to end).
 
 Not asserted, because it is not reliable at the fast size: the fast lab's own compressed exact match after
 600 stage-2 steps (29.3% / 2.0% on seed 0 with 1,000 / 2,000 people, 2.7-3.3% on seed 1): whether the
 decoder leaves the answer-prior plateau in time depends on the order of the training batches alone
 (BENCHMARKS.md); and stage 3, which does not learn at this scale (the memories of whole documents do not
-carry the name, see lab_retrieval.py); the test checks they run and are reported.
+carry the name, see lab_retrieval.py); nor name matching alone (lab_retrieval.py --docs name --train-encoder: held-out hit@1
+0.18 -> 0.35 in 150 steps in one run of the fast lab, 0.19 -> 0.21 in another). The test checks they run
+and are reported.
 """
 import sys
 
@@ -55,7 +56,8 @@ def test_fast_lab_runs_and_its_base_and_compressor_learn_to_read(tmp_path):
     torch.set_num_threads(threads)
     assert curve[0]["heldout_exact"] < 0.2 and curve[-1]["heldout_exact"] > 0.8, curve
 
-    # retrieval: name matching is learnable by the query reasoner + encoder through the cosine scores
+    # stage 3's diagnosis: the text tells the candidates apart; every figure is reported
     r = lab_retrieval.main(["--checkpoint", str(out / "rate16" / "stage2" / "checkpoint"), "--data", str(out / "data"),
-                            "--docs", "name", "--train-encoder", "--steps", "150"])
-    assert r["after"]["heldout"] > r["chance"] + 0.08, r  # 0.35 measured, chance 0.16
+                            "--steps", "20"])
+    assert r["lexical"] > r["chance"] + 0.3, r  # 0.96 measured, chance 0.16
+    assert all(0 <= r["signal"][k] <= 1 for k in ("oracle", "gradient")) and len(r["loss"]) == 20
