@@ -38,17 +38,23 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from clara import Clara, retrieval_infonce  # noqa: E402
-from data import validate_record  # noqa: E402
+from data import _COMPANY, validate_record  # noqa: E402
 
-NAME = re.compile(r"[A-Z][a-z]+ [A-Z][a-z]+")  # a synthetic person's "First Surname"
+NAME = re.compile(r"[A-Z][a-z]+ [A-Z][a-z]+")  # a synthetic person's "First Surname" (or a company's start)
+
+
+def person(doc: str) -> str:
+    """The document's person: its first "First Surname" that does not start a company name (mentors come
+    after the person in every template)."""
+    return next(m.group(0) for m in NAME.finditer(doc) if m.group(0).split()[0] not in _COMPANY[0])
 
 
 def load(path: Path, docs: str, limit: int | None) -> list[dict]:
     rows = []
     for i, line in enumerate(open(path, encoding="utf-8"), 1):
         r = validate_record(json.loads(line), 3, f"{path}:{i}")
-        if docs == "name":  # the first "First Surname" of each document: its person (mentors come later)
-            r["docs"] = [NAME.search(d).group(0) for d in r["docs"]]
+        if docs == "name":
+            r["docs"] = [person(d) for d in r["docs"]]
         rows.append(r)
         if limit and len(rows) == limit:
             break

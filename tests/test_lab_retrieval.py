@@ -46,6 +46,14 @@ def test_per_row_loss_adds_up_to_the_decoder_loss(stage2):
     torch.testing.assert_close((per_row * n_row).sum(), ce_sum, rtol=1e-5, atol=1e-4)
 
 
+def test_name_only_documents_are_their_persons(stage2):
+    recs = lab_retrieval.load(stage2 / "data" / "stage3.jsonl", "name", None)
+    full = lab_retrieval.load(stage2 / "data" / "stage3.jsonl", "full", None)
+    for r, f in zip(recs, full):
+        assert all(r["docs"][i] in r["question"] for i in r["pos_index"]), (r, f)  # the positive: the asked person
+        assert all(d in doc and len(d.split()) == 2 for d, doc in zip(r["docs"], f["docs"]))
+
+
 def test_the_probe_reports_fractions(stage2):
     args = ["--checkpoint", str(stage2 / "s2" / "checkpoint"), "--data", str(stage2 / "data"), "--steps", "2",
             "--batch", "8", "--heldout", "16"]
