@@ -361,8 +361,8 @@ class Clara(nn.Module):
             scores, _ = self.score_candidates(batch, k)  # (B, N)
             nce = retrieval_infonce(scores, batch["pos_index"], self.cfg.tau, reduction="sum")
             idx = scores.topk(self.cfg.generation_top_k, dim=1).indices  # (B, K): for recall@k
-            return {"ce_sum": nce, "n_tokens": torch.tensor(B, device=nce.device), "mse": torch.zeros((), device=nce.device),
-                    "topk": idx}
+            zero = torch.zeros((), device=nce.device)
+            return {"ce_sum": nce, "n_tokens": torch.tensor(B, device=nce.device), "mse": zero, "topk": idx}
         if objective != "answer":
             raise ValueError(f"objective must be 'answer' or 'retrieval_warmup', got {objective!r}")
         if stage in (1, 2):

@@ -17,10 +17,9 @@ Not asserted, because it is not reliable at the fast size: the fast lab's own co
 600 stage-2 steps (29.3% / 2.0% on seed 0 with 1,000 / 2,000 people, 2.7-3.3% on seed 1): whether the
 decoder leaves the answer-prior plateau in time depends on the order of the training batches alone
 (BENCHMARKS.md); and stage 3, which does not learn at this scale (the memories of whole documents do not
-carry the name, see lab_retrieval.py); nor name matching alone (lab_retrieval.py --docs name --train-encoder: held-out hit@1
-0.18 -> 0.35 in 150 steps in one run of the fast lab, 0.19 -> 0.21 in another, both measured before
-a fix of its name extraction). The test checks they run
-and are reported.
+carry the name, see lab_retrieval.py); nor name matching alone (lab_retrieval.py --docs name
+--train-encoder: held-out hit@1 0.18 -> 0.35 in 150 steps in one run of the fast lab, 0.19 -> 0.21 in
+another, both measured before a fix of its name extraction). The test checks they run and are reported.
 """
 import sys
 

@@ -1,7 +1,8 @@
 """bench/lab_retrieval.py, the stage-3 diagnosis, on a tiny preset model trained for a few steps.
 
 What is checked here is that each number means what it says: the per-row answer loss behind the oracle adds
-up to the decoder loss stage 3 trains on, the figures are fractions, word overlap finds the person. Whether names can be learned is asserted on the fast lab's own model in test_lab.py.
+up to the decoder loss stage 3 trains on, the figures are fractions, word overlap finds the person, a
+name-only document is its person's name. test_lab.py runs the probe on the fast lab's own model.
 """
 import sys
 
