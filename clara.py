@@ -131,6 +131,8 @@ def retrieval_infonce(scores: torch.Tensor, pos_index: list[list[int]], tau: flo
     scores (B, N); pos_index: the positives of each row (a row without positives is an error);
     reduction "mean" or "sum" over rows (train.py sums, then divides by the rows of the whole step).
     """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"retrieval_infonce: reduction must be 'mean' or 'sum', got {reduction!r}")
     if any(not p for p in pos_index):
         raise ValueError("retrieval_infonce: every row needs at least one positive in pos_index")
     z = scores.float() / tau  # (B, N)
