@@ -23,6 +23,7 @@ special token of the tokenizer's own (no automatic BOS).
 """
 from __future__ import annotations
 
+import itertools
 import json
 from array import array
 from pathlib import Path
@@ -419,17 +420,33 @@ def batches(dataset: JsonlDataset, batch_size: int, epoch: int, seed: int, rank:
 
 # ---- a synthetic corpus for the CPU lab -------------------------------------------------------------------
 #
-# Made-up people with 2-4 facts each, one short document per person. Everything is invented (names are
-# built from syllables), so a model can only answer from the documents, never from what it already knows;
-# and the held-out people (other families, other surnames) never appear in the training files. Families
-# share a surname and first names repeat, so the distractors of a question are people with SIMILAR names
-# and the same kind of facts: retrieval has to read the name, not just the topic.
+# Made-up people with 2-4 facts each, one short document per person. Everything is invented, so a model can
+# only answer from the documents, never from what it already knows. Two ways to name people:
+#   names="syllables"  first names and surnames built from syllables ("Kalon Branvortel", several tokens
+#                      each); held-out people are other families whose surnames never occur in training;
+#   names="words"      a first name and a surname from two fixed lists of short words ("Wren Fenwick"), each
+#                      one token once the tokenizer has seen the corpus; held-out people are combinations
+#                      never seen in training (the words themselves are known). Telling people apart then
+#                      means keeping two known tokens; the CPU lab uses these (bench/lab.py).
+# Families share a surname and first names repeat, so the distractors of a question are people with SIMILAR
+# names and the same kind of facts: retrieval has to read the name, not just the topic.
 
 _FIRST = ["ka", "lo", "mi", "re", "ta", "vo", "ni", "sa", "be", "do", "fe", "ga", "ju", "li", "ma", "no", "pe",
           "ri", "su", "te", "va", "zo"]
 _FIRST_END = ["", "n", "r", "l", "s"]
 _SURNAME = ["bran", "tel", "vor", "mek", "sil", "rok", "tam", "jun", "gast", "prel", "dov", "kesh", "lum", "nard",
             "oss", "quin", "rav", "sev", "tor", "yell"]
+_FIRST_WORDS = ["Alda", "Bram", "Cora", "Dax", "Edda", "Finn", "Gret", "Hedy", "Ines", "Jory", "Kael", "Lise",
+                "Mato", "Nell", "Orin", "Pia", "Rhea", "Sten", "Tova", "Ulf", "Vera", "Wren", "Yara", "Zeno",
+                "Arlo", "Bess", "Cai", "Dora", "Emil", "Fay", "Gus", "Ivo", "Juno", "Kit", "Lark", "Milo", "Nia",
+                "Otto", "Pell", "Rune", "Saba", "Una", "Wilm", "Ada", "Bo", "Eli", "Ida", "Lev"]
+_SURNAME_WORDS = ["Ashdown", "Bell", "Corbin", "Penn", "Everly", "Fenwick", "Garrow", "Holloway", "Ingram",
+                  "Jessop", "Kettle", "Larkin", "Merrow", "Norland", "Pryce", "Radley", "Sallow", "Thorne",
+                  "Upton", "Varley", "Whitlow", "Yardley", "Abbott", "Birch", "Crane", "Dorsey", "Elwood", "Hart",
+                  "Gable", "Hollis", "Irving", "Jansen", "Keller", "Lowry", "Marsh", "Nash", "Orwell", "Pike",
+                  "Rook", "Sutter", "Tully", "Vance", "Webb", "York", "Ames", "Boyle", "Cobb", "Drake", "Eames",
+                  "Frost", "Grady", "Hayes", "Joyce", "Kemp", "Lyle", "Moss", "Noble", "Platt", "Reyes", "Shaw",
+                  "Toft", "Quill", "Dunn", "Voss"]
 _PLACE_HEAD = ["Ar", "Bel", "Cor", "Dun", "El", "Fal", "Gil", "Hal", "Ist", "Kel", "Lor", "Mor", "Nor", "Ost",
                "Pel", "Quen", "Ros", "Sel", "Tam", "Ul", "Ver", "Wyn"]
 _PLACE_TAIL = ["dale", "mere", "ford", "holm", "bury", "port", "stead", "wold"]
@@ -464,6 +481,12 @@ _QUESTIONS = {
     "fyear": ["In what year did {n} found {company}?", "When did {n} found {company}?"],
     "mentor": ["Who did {n} study under?", "Who was the teacher of {n}?"],
 }
+# Stage-1 QA only (names_asked=True): one more question per document, answered by the person's NAME. In the
+# CPU lab they teach the stage-0 base to copy a name out of a text, and its raw-text reading of every
+# question improved with them (8.7% -> 40.7% in one fast-lab run each); they did not make the tiny encoder's
+# memories keep the name (BENCHMARKS.md, session 5).
+_WHO = {"birth": "Who was born in {place}?", "job": "Who works as {a_job}?", "home": "Who lives in {home}?",
+        "founded": "Who founded {company}?", "mentor": "Who studied under {mentor}?"}
 _ITEMS = {"birth": ("place", "year"), "job": ("job",), "home": ("home",), "founded": ("company", "fyear"),
           "mentor": ("mentor",)}
 
@@ -482,19 +505,32 @@ def _render(person: dict, order: list[str], variants: dict) -> str:
     return " ".join(out)
 
 
-def _people(rng, n: int, firsts: list[str], used_surnames: set, places: list[str]) -> list[dict]:
-    """n people in families of 2-4 sharing a new surname, each with 2-4 fact groups."""
+def _people(rng, n: int, firsts: list[str], used: set, places: list[str], names: str) -> list[dict]:
+    """n people in families of 2-4 sharing a surname, each with 2-4 fact groups.
+
+    `used` holds what the other split may not reuse: surnames (names="syllables": a new family name each
+    time) or full names (names="words": a surname word can return, a first-name + surname pair cannot).
+    """
     people = []
     while len(people) < n:
-        for _ in range(100_000):  # a surname no family has had, in this split or the other
-            surname = "".join(rng.choice(_SURNAME) for _ in range(rng.choice((2, 2, 3)))).capitalize()
-            if surname not in used_surnames:
-                used_surnames.add(surname)
-                break
-        else:  # 20^2 + 20^3 surnames, 2-4 people each
-            raise ValueError(f"make_synthetic: out of surnames after {len(used_surnames)} families; ask for "
-                             f"fewer entities (about 20,000 fit)")
-        for first in rng.sample(firsts, min(rng.randint(2, 4), n - len(people))):
+        for _ in range(100_000):
+            if names == "words":
+                surname = rng.choice(_SURNAME_WORDS)
+                free = [f for f in firsts if f"{f} {surname}" not in used]
+                if len(free) >= 2:
+                    break
+            else:
+                surname = "".join(rng.choice(_SURNAME) for _ in range(rng.choice((2, 2, 3)))).capitalize()
+                if surname not in used:
+                    used.add(surname)
+                    free = firsts
+                    break
+        else:  # syllables: 20^2 + 20^3 surnames, 2-4 people each; words: 48 x 64 names
+            raise ValueError(f"make_synthetic: out of {names} names after {len(people)} people; ask for fewer "
+                             f"entities (about {20_000 if names == 'syllables' else 3_000} fit)")
+        for first in rng.sample(free, min(rng.randint(2, 4), n - len(people), len(free))):
+            if names == "words":
+                used.add(f"{first} {surname}")
             year = rng.randint(1900, 1990)
             place, home = rng.sample(places, 2)
             facts = {"place": place, "year": str(year), "job": rng.choice(_JOBS), "home": home,
@@ -534,20 +570,37 @@ def _question(rng, person: dict, item: str) -> str:
     return rng.choice(_QUESTIONS[item]).format(n=person["name"], company=person["facts"].get("company"))
 
 
+def _who(rng, person: dict) -> str:
+    """A question whose answer is the person's name, about one of their fact groups."""
+    facts = person["facts"]
+    a_job = ("an " if facts.get("job", "x")[0] in "aeiou" else "a ") + facts.get("job", "")
+    return _WHO[rng.choice(person["groups"])].format(a_job=a_job, **facts)
+
+
 def _distractors(rng, person: dict, item: str, answer: str, people: list[dict], index: dict, n: int) -> list[str]:
     """n documents of OTHER people that do not contain `answer`, as similar to `person` as possible.
 
-    Tiers, in order: the same family (surname), the same first name, anyone with a fact of the same kind,
-    anyone. Within a tier the order is random.
+    Tiers, in order: the same family (surname), the same first name, anyone else. Within a tier the order is
+    random. With word names (index["mix"]) a surname is shared by dozens of people, so the first two tiers
+    are taken in turn: about half the distractors share the surname, half the first name, and only the
+    whole name singles the person out. Every distractor has a fact of the asked kind (index["same_kind"],
+    the default: only the name tells the documents apart) or, with same_kind False, none (the question's
+    topic alone then finds the document: an easier retrieval task).
     """
     group = next(g for g, items in _ITEMS.items() if item in items)
+    kind = lambda q: (group in q["groups"]) == index["same_kind"]  # noqa: E731
     chosen, seen = [], {person["name"]}
     needle = answer.lower()
-    tiers = [[q for q in index["surname"][person["surname"]] if group in q["groups"]],
-             [q for q in index["first"][person["first"]] if group in q["groups"]]]
+    tiers = [[q for q in index["surname"][person["surname"]] if kind(q)],
+             [q for q in index["first"][person["first"]] if kind(q)]]
     tiers = [rng.sample(t, len(t)) for t in tiers]
-    tiers += [(rng.choice(index["group"][group]) for _ in range(20 * n)), (rng.choice(people) for _ in range(20 * n)),
-              people]  # the last tier is exhaustive, so a possible pick is always found
+    if index["mix"]:  # word names: many share a surname; alternate the two tiers so both halves of the name matter
+        tiers = [[q for pair in itertools.zip_longest(*tiers) for q in pair if q is not None]]
+    if index["same_kind"]:
+        tiers += [(rng.choice(index["group"][group]) for _ in range(20 * n)),
+                  (rng.choice(people) for _ in range(20 * n)), people]  # the last is exhaustive
+    else:
+        tiers += [(q for q in rng.sample(people, len(people)) if kind(q))]  # every possible pick, shuffled
     for tier in tiers:
         for q in tier:
             if len(chosen) == n:
@@ -561,9 +614,10 @@ def _distractors(rng, person: dict, item: str, answer: str, people: list[dict], 
     return chosen
 
 
-def _records(rng, people: list[dict], k: int, n_candidates: int, questions_per_entity: int, asked=None):
+def _records(rng, people: list[dict], k: int, n_candidates: int, questions_per_entity: int, asked, mix: bool,
+             same_kind: bool):
     """Stage-2 and stage-3 records: questions with k documents / with N candidates and pos_index."""
-    index = {"surname": {}, "first": {}, "group": {}}
+    index = {"surname": {}, "first": {}, "group": {}, "mix": mix, "same_kind": same_kind}
     for p in people:
         index["surname"].setdefault(p["surname"], []).append(p)
         index["first"].setdefault(p["first"], []).append(p)
@@ -591,10 +645,12 @@ def _records(rng, people: list[dict], k: int, n_candidates: int, questions_per_e
 
 
 def make_synthetic(out_dir, seed: int = 0, n_train_entities: int = 1000, n_test_entities: int = 200, k: int = 5,
-                   n_candidates: int = 8, questions_per_entity: int = 1, asked: list[str] | None = None) -> dict:
+                   n_candidates: int = 8, questions_per_entity: int = 1, asked: list[str] | None = None,
+                   names: str = "syllables", names_asked: bool = False, distractors: str = "same-kind") -> dict:
     """Write a synthetic data set in the official formats; deterministic for a seed. Returns the counts.
 
-    out_dir/stage1.jsonl       per training person: one "qa" record (a question and answer per fact) and
+    out_dir/stage1.jsonl       per training person: one "qa" record (a question and answer per fact, and
+                               with names_asked one "Who ...?" question answered by the person's name) and
                                one "paraphrase" record (answers[0] = the same facts in other words), mixed
     out_dir/stage2.jsonl       `questions_per_entity` questions per person, each with k documents: the
                                person's and k-1 distractors (similar people, without the answer string).
@@ -602,9 +658,19 @@ def make_synthetic(out_dir, seed: int = 0, n_train_entities: int = 1000, n_test_
                                job, home, company, fyear, mentor)
     out_dir/stage3.jsonl       the same questions with N candidates; pos_index = the person's document
                                (and 30% of the time its paraphrase too)
-    out_dir/test_stage2.jsonl, test_stage3.jsonl   the same for held-out people (other families)
+    out_dir/test_stage2.jsonl, test_stage3.jsonl   the same for held-out people (other families; with word
+                               names, first-name + surname pairs never seen in training)
     out_dir/corpus.txt         the training documents and their paraphrases, one per line (tokenizer / LM)
+
+    names: "syllables" or "words", how people are named (see the comment above _FIRST).
+    distractors: "same-kind" (every distractor also has a fact of the asked kind: only the name tells the
+    person's document apart) or "other-kind" (similar names, but no fact of the asked kind: the question's
+    topic is enough, an easier retrieval task).
     """
+    if names not in ("syllables", "words"):
+        raise ValueError(f"make_synthetic: names={names!r}; choose 'syllables' or 'words'")
+    if distractors not in ("same-kind", "other-kind"):
+        raise ValueError(f"make_synthetic: distractors={distractors!r}; choose 'same-kind' or 'other-kind'")
     unknown = sorted(set(asked or ()) - set(_QUESTIONS))
     if unknown:
         raise ValueError(f"make_synthetic: unknown fact(s) {unknown} in asked; choose from {sorted(_QUESTIONS)}")
@@ -617,23 +683,30 @@ def make_synthetic(out_dir, seed: int = 0, n_train_entities: int = 1000, n_test_
                              f"{2 * max(k, n_candidates)}")
     import random
     rng = random.Random(seed)
-    firsts = sorted({(rng.choice(_FIRST) + rng.choice(_FIRST) + rng.choice(_FIRST_END)).capitalize()
-                     for _ in range(100)})
+    if names == "words":
+        firsts = list(_FIRST_WORDS)
+    else:
+        firsts = sorted({(rng.choice(_FIRST) + rng.choice(_FIRST) + rng.choice(_FIRST_END)).capitalize()
+                         for _ in range(100)})
     places = sorted({h + t for h in _PLACE_HEAD for t in _PLACE_TAIL})
     places = rng.sample(places, 40)
     used = set()
-    train = _people(rng, n_train_entities, firsts, used, places)
-    test = _people(rng, n_test_entities, firsts, used, places)
+    train = _people(rng, n_train_entities, firsts, used, places, names)
+    test = _people(rng, n_test_entities, firsts, used, places, names)
 
     stage1 = []
     for p in train:
         questions = [_question(rng, p, item) for item in p["items"]]
-        stage1.append({"data_type": "qa", "question": questions, "answers": [p["facts"][i] for i in p["items"]],
-                       "docs": [p["doc"]]})
+        answers = [p["facts"][i] for i in p["items"]]
+        if names_asked:
+            questions.append(_who(rng, p))
+            answers.append(p["name"])
+        stage1.append({"data_type": "qa", "question": questions, "answers": answers, "docs": [p["doc"]]})
         stage1.append({"data_type": "paraphrase", "question": [], "answers": [p["paraphrase"]], "docs": [p["doc"]]})
     rng.shuffle(stage1)
-    stage2, stage3 = _records(rng, train, k, n_candidates, questions_per_entity, asked)
-    test2, test3 = _records(rng, test, k, n_candidates, questions_per_entity, asked)
+    same = distractors == "same-kind"
+    stage2, stage3 = _records(rng, train, k, n_candidates, questions_per_entity, asked, names == "words", same)
+    test2, test3 = _records(rng, test, k, n_candidates, questions_per_entity, asked, names == "words", same)
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -665,6 +738,14 @@ def main(argv=None):
     s.add_argument("--questions", type=int, default=1, help="stage-2/3 questions per person (at most its facts)")
     s.add_argument("--ask", nargs="+", default=None, choices=sorted(_QUESTIONS), help="the facts stage-2/3 "
                    "questions ask about (default: all); documents and stage-1 QA always hold every fact")
+    s.add_argument("--names", default="syllables", choices=("syllables", "words"), help="people's names: built "
+                   "from syllables (several tokens, held-out surnames unseen) or two words from fixed lists (one "
+                   "token each, held-out = unseen first+surname pairs)")
+    s.add_argument("--ask-names", action="store_true", help="stage-1 QA also asks one 'Who ...?' question per "
+                   "document, answered by the person's name")
+    s.add_argument("--distractors", default="same-kind", choices=("same-kind", "other-kind"), help="stage-2/3 "
+                   "distractors (people with similar names) also have a fact of the asked kind, so only the name "
+                   "tells them apart, or have none, so the question's topic is enough (easier)")
     c = sub.add_parser("check", help="validate JSONL files against the format of a stage",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     c.add_argument("files", nargs="+", help="JSONL files")
@@ -672,7 +753,8 @@ def main(argv=None):
     c.add_argument("--max-errors", type=int, default=20, help="stop after this many errors")
     a = p.parse_args(argv)
     if a.command == "synth":
-        counts = make_synthetic(a.out, a.seed, a.train, a.test, a.k, a.candidates, a.questions, a.ask)
+        counts = make_synthetic(a.out, a.seed, a.train, a.test, a.k, a.candidates, a.questions, a.ask, a.names,
+                                a.ask_names, a.distractors)
         print(json.dumps(counts))
         return 0
     dataset = JsonlDataset(a.files, a.stage)

@@ -352,6 +352,69 @@ def test_synthetic_asked_facts_and_one_document(tmp_path):
         make_synthetic(tmp_path, asked=["job", "age"])
 
 
+def test_synthetic_word_names_and_name_questions(tmp_path):
+    """names="words": first name + surname from the two fixed lists, held-out people are pairs never seen in
+    training (the words themselves are), distractors share the surname OR the first name about equally; with
+    names_asked every stage-1 QA record ends with a "Who ...?" question answered by its person's name."""
+    from data import _FIRST_WORDS, _SURNAME_WORDS, _WHO
+    make_synthetic(tmp_path, seed=2, n_train_entities=300, n_test_entities=60, k=1, n_candidates=8,
+                   questions_per_entity=2, names="words", names_asked=True)
+    names = lambda files: {asked_name(r["question"]) for f in files for r in load(tmp_path / f"{f}.jsonl")}
+    test_names, train_names = names(("test_stage2", "test_stage3")), names(("stage2", "stage3"))
+    assert len(test_names) == 60 and len(train_names) == 300 and not test_names & train_names
+    for name in test_names | train_names:
+        first, surname = name.split()
+        assert first in _FIRST_WORDS and surname in _SURNAME_WORDS
+    train_text = "\n".join((tmp_path / f).read_text(encoding="utf-8") for f in ("stage1.jsonl", "corpus.txt"))
+    assert not any(re.search(rf"\b{n}\b", train_text) for n in test_names)
+    assert any(re.search(rf"\b{n.split()[1]}\b", train_text) for n in test_names)  # known words, new pairs
+    who = [re.compile("^" + ".+".join(map(re.escape, re.split(r"\{\w+\}", t))) + "$") for t in _WHO.values()]
+    for r in load(tmp_path / "stage1.jsonl"):
+        if r["data_type"] == "qa":
+            q, a = r["question"][-1], r["answers"][-1]
+            assert any(rx.match(q) for rx in who), q
+            assert r["docs"][0].startswith(a) or f" {a} " in r["docs"][0] or f" {a}." in r["docs"][0]
+            assert all(asked_name(x) == a for x in r["question"][:-1])  # the other questions name the same person
+    surname_share = first_share = 0
+    person = re.compile(rf"\b({'|'.join(_FIRST_WORDS)}) ({'|'.join(_SURNAME_WORDS)})\b")
+    rows = load(tmp_path / "stage3.jsonl")
+    for r in rows:
+        first, surname = asked_name(r["question"]).split()
+        others = [d for j, d in enumerate(r["docs"]) if j not in r["pos_index"]]
+        people = [person.search(d).group(0).split() for d in others]  # each distractor's own name
+        surname_share += sum(p[1] == surname for p in people) / len(others)
+        first_share += sum(p[0] == first for p in people) / len(others)
+    surname_share, first_share = surname_share / len(rows), first_share / len(rows)
+    print(f"distractors sharing the surname {surname_share:.2f}, the first name {first_share:.2f}")
+    assert surname_share > 0.3 and first_share > 0.3 and abs(surname_share - first_share) < 0.15
+    with pytest.raises(ValueError, match="names='initials'"):
+        make_synthetic(tmp_path, names="initials")
+
+
+def test_synthetic_other_kind_distractors(tmp_path):
+    """distractors="other-kind": similar names, but no candidate other than the positives has a fact of the
+    asked kind, so the question's topic finds the document; the default gives every distractor one."""
+    from data import _SENTENCES, question_fact
+    kinds = {"place": "birth", "year": "birth", "job": "job", "home": "home", "company": "founded",
+             "fyear": "founded", "mentor": "mentor"}
+    # a document has a fact group when one of that group's sentence templates matches one of its sentences
+    rx = {g: [re.compile("^" + ".+".join(map(re.escape, re.split(r"\{\w+\}", t))) + "$") for t in ts]
+          for g, ts in _SENTENCES.items()}
+    has = lambda doc, g: any(r.match(sent.strip()) for sent in re.split(r"(?<=\.) ", doc) for r in rx[g])
+    for mode, expect in (("other-kind", False), ("same-kind", True)):
+        out = tmp_path / mode
+        make_synthetic(out, seed=5, n_train_entities=200, n_test_entities=40, k=3, n_candidates=8,
+                       names="words", distractors=mode)
+        for f in ("stage3", "test_stage3", "stage2"):
+            for r in load(out / f"{f}.jsonl"):
+                g = kinds[question_fact(r["question"])]
+                pos = r.get("pos_index") or [j for j, d in enumerate(r["docs"]) if r["answer"] in d]
+                assert all(has(r["docs"][j], g) for j in pos), r
+                assert all(has(d, g) == expect for j, d in enumerate(r["docs"]) if j not in pos), (mode, r)
+    with pytest.raises(ValueError, match="distractors='none'"):
+        make_synthetic(tmp_path / "x", distractors="none")
+
+
 def test_question_fact_reads_every_template():
     from data import question_fact
     for fact, templates in _QUESTIONS.items():
