@@ -181,6 +181,7 @@ class Clara(nn.Module):
         if cfg.training_stage == 3:
             model.add_adapter("query", cfg.lora)
         self.loaded_adapters: set[str] = set()  # the adapters from_pretrained read from a checkpoint
+        self.loaded_stage: int | None = None  # the training stage that wrote that checkpoint (ours)
         # The <MEMi> input embeddings train in stage 1 (CLARA_SPEC.md §2). Rather than a gradient mask over
         # the whole (V, H) embedding (and AdamW state for all of it), they live in their own (M, H)
         # parameter, used by `embed`, and are written into the embedding rows when a checkpoint is saved.
@@ -586,6 +587,7 @@ def _load_native(cls, path, base_model, dtype, device, compr_rate, training_stag
     meta = json.loads((path / "clara_config.json").read_text())
     cfg = ClaraConfig.from_dict(meta["clara"], str(path / "clara_config.json"))
     _check_rate(cfg, compr_rate, path)
+    saved_stage = cfg.training_stage
     if training_stage is not None:
         cfg.training_stage = training_stage
     base = base_model or meta.get("base_model")
@@ -602,6 +604,7 @@ def _load_native(cls, path, base_model, dtype, device, compr_rate, training_stag
             clara.model.add_adapter(a, cfg.lora)
     sd = load_file(path / "clara.safetensors")
     _assign_state(clara, sd, path / "clara.safetensors", meta["adapters"])
+    clara.loaded_stage = saved_stage
     return clara
 
 

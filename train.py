@@ -161,8 +161,9 @@ def lr_at(step: int, total: int, a) -> float:
 
 
 def build_clara(a, dataset, device, dtype, rank) -> Clara:
-    """Stage 1: fresh adapters on the base. Stage 2: from stage 1 with a fresh decoder. Stage 3: from
-    stage 2, the query reasoner a copy of the encoder (or from a stage-3 checkpoint, its own query reasoner)."""
+    """Stage 1: fresh adapters on the base. Stage 2: from stage 1 with a fresh decoder (or from a stage-2
+    checkpoint, its own decoder: e.g. k=1 then k=2). Stage 3: from stage 2, the query reasoner a copy of the
+    encoder (or from a stage-3 checkpoint, its own query reasoner)."""
     cfg = ClaraConfig(doc_max_length=a.doc_len, compr_rate=a.compr_rate, generation_top_k=a.top_k,
                       lora_r=a.lora_r, lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout, tau=a.tau,
                       topk_estimator=a.topk_estimator, mse_weight=a.mse_weight, max_len=a.max_len,
@@ -173,7 +174,9 @@ def build_clara(a, dataset, device, dtype, rank) -> Clara:
         trained = clara.cfg
         for k in ("generation_top_k", "tau", "topk_estimator", "mse_weight", "max_len", "lora_dropout"):
             setattr(trained, k, getattr(cfg, k))
-        if a.stage == 2:
+        if a.stage == 2 and clara.loaded_stage == 2:  # a stage-2 checkpoint: continue with its decoder
+            print0(f"stage 2: {a.init} is a stage-2 checkpoint; training continues with its decoder")
+        elif a.stage == 2:
             clara.model.reset_adapter("decoder")  # stage 2 trains a FRESH decoder adapter
         if a.stage == 3 and "query" in clara.loaded_adapters:  # a stage-3 checkpoint: continue from its query
             print0(f"stage 3: {a.init} has a trained query reasoner; training continues from it")

@@ -63,6 +63,17 @@ def test_stage2_from_stage1_and_stage3_from_stage2(stage1, tmp_path):
     # stage 2 continued stage 1's encoder and started a FRESH decoder (B = 0 before training)
     enc1, enc2 = c1.model.adapter_parameters("encoder"), c2.model.adapter_parameters("encoder")
     assert any(not torch.equal(enc1[k], enc2[k]) for k in enc1)
+    # stage 2 from a stage-2 checkpoint continues ITS decoder (e.g. k=1, then k=2 documents), while from a
+    # stage-1 checkpoint the decoder starts fresh (every lora_B zero); lr 0 so only the loading shows
+    for init, out in ((s2, "s2b"), (s1, "s2c")):
+        run(tmp_path / out, 2, "--init", str(init / "checkpoint"), "--max-steps", "1", "--top-k", "5", "--lr", "0",
+            "--max-len", "400", "--data", one_batch(tmp_path, 2))
+    dec2 = c2.model.adapter_parameters("decoder")
+    dec2b = Clara.from_pretrained(tmp_path / "s2b" / "checkpoint").model.adapter_parameters("decoder")
+    assert all(torch.equal(dec2[k], dec2b[k]) for k in dec2)
+    dec2c = Clara.from_pretrained(tmp_path / "s2c" / "checkpoint").model.adapter_parameters("decoder")
+    assert all(v.abs().sum() == 0 for k, v in dec2c.items() if ".lora_B." in k)
+    assert any(v.abs().sum() > 0 for k, v in dec2b.items() if ".lora_B." in k)
     s3 = tmp_path / "s3"
     log3 = run(s3, 3, "--init", str(s2 / "checkpoint"), "--max-steps", "20", "--top-k", "2", "--lr", "3e-3",
                "--max-len", "400", "--data", one_batch(tmp_path, 3))
