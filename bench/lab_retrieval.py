@@ -1,7 +1,7 @@
 """Why stage 3 does not learn in the CPU lab: can ANY query reasoner pick the right document from the memories?
 
 Stage 3 (clara.py `Clara.retrieve`) learns retrieval only from the answer loss, through the straight-through
-top-k. Before blaming the estimator, this probe asks three narrower questions of a stage-2 checkpoint on the
+top-k. Before blaming the estimator, this probe asks narrower questions of a stage-2 checkpoint on the
 lab's stage-3 files (question, N candidates, pos_index):
 
   0. lexical   is the answer in the text? Word overlap (bag of token ids) between question and candidates.
@@ -15,6 +15,10 @@ lab's stage-3 files (question, N candidates, pos_index):
                could teach it. --train-encoder also trains the document encoder (not the method: its encoder is
                frozen in stage 3); --docs name keeps only each document's person name, which isolates name
                matching from reading the name out of a whole biography.
+  4. memories  what the checkpoint's document memories hold: the mean cosine between two documents'
+               memories (~1: collapsed, every document the same vector; the alignment loss does that to the
+               lab's tiny encoder), and whether the person's first name and surname can be read from them by
+               a linear probe (trained on training documents, scored on held-out people's).
 
     python bench/lab_retrieval.py --checkpoint out/lab/rate16/stage2/checkpoint --data out/lab/data
     python bench/lab_retrieval.py ... --train-encoder --docs name          # names alone: learnable
@@ -116,6 +120,71 @@ def signal(clara: Clara, recs: list[dict], n: int) -> dict:
     return {"oracle": oracle, "gradient": toward, "chance": sum(len(r["pos_index"]) for r in recs) / (B * n)}
 
 
+def linear_probe(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor,
+                 steps: int = 400) -> tuple[float, float]:
+    """(train, held-out) accuracy of a softmax regression from features (n, F) to class ids (n,): can the
+    class be read LINEARLY from the features? Features are standardised with the training statistics."""
+    mu, sd = x_train.mean(0), x_train.std(0) + 1e-6
+    xtr, xte = (x_train - mu) / sd, (x_test - mu) / sd  # (n, F)
+    n_cls = int(max(y_train.max(), y_test.max())) + 1
+    W = torch.zeros(xtr.shape[1], n_cls, requires_grad=True)
+    b = torch.zeros(n_cls, requires_grad=True)
+    opt = torch.optim.Adam([W, b], lr=1e-2, weight_decay=1e-4)
+    with torch.enable_grad():
+        for _ in range(steps):
+            loss = F.cross_entropy(xtr @ W + b, y_train)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        acc = lambda x, y: ((x @ W + b).argmax(1) == y).float().mean().item()
+        return acc(xtr, y_train), acc(xte, y_test)
+
+
+def mean_pairwise_cosine(x: torch.Tensor) -> float:
+    """Mean cosine similarity over the pairs of different rows of x (n, F), n >= 2."""
+    n = len(x)
+    if n < 2:
+        raise ValueError(f"mean_pairwise_cosine: need at least 2 rows, got {n}")
+    unit = F.normalize(x.float(), dim=-1)  # (n, F)
+    return ((unit @ unit.T).sum() - unit.pow(2).sum()).div(n * (n - 1)).item()  # drop the n self-pairs
+
+
+@torch.no_grad()
+def memory_report(clara: Clara, train: list[dict], test: list[dict], n_docs: int = 1000) -> dict:
+    """4. What do the documents' memories hold? On the positives' distinct documents:
+    - "cosine": mean cosine between two documents' memories (flattened, M*H). Near 1 means collapse: every
+      document has (almost) the same memory, which is what the alignment loss does to a tiny encoder;
+    - linear probes for the person's first name and surname (classes seen in training; held-out documents
+      of new people): the name must be in the memory for a query to find the person's document.
+    """
+    def docs(recs, n):
+        out = {}
+        for r in recs:
+            for j in r["pos_index"]:
+                out.setdefault(r["docs"][j], person(r["docs"][j]).split())
+        return list(out.items())[:n]
+    tr, te = docs(train, n_docs), docs(test, n_docs // 4)
+    was = clara.training
+    clara.eval()
+    m_tr = clara.compress_documents([d for d, _ in tr]).flatten(1).float()  # (n, M*H)
+    m_te = clara.compress_documents([d for d, _ in te]).flatten(1).float()
+    clara.train(was)
+    res = {"cosine": mean_pairwise_cosine(m_tr[:200])}
+    for part, name in ((0, "first"), (1, "surname")):
+        classes = sorted({p[part] for _, p in tr})
+        keep = [i for i, (_, p) in enumerate(te) if p[part] in classes]  # held-out names made of known words
+        if not keep:
+            res[name] = None  # e.g. syllable surnames: a held-out family's name never occurs in training
+            continue
+        ids = {c: i for i, c in enumerate(classes)}
+        y_tr = torch.tensor([ids[p[part]] for _, p in tr])
+        y_te = torch.tensor([ids[te[i][1][part]] for i in keep])
+        acc_tr, acc_te = linear_probe(m_tr, y_tr, m_te[keep], y_te)
+        res[name] = {"train": acc_tr, "heldout": acc_te, "chance": max(y_tr.bincount().tolist()) / len(y_tr)}
+    return res
+
+
 def per_row_ce(clara: Clara, dec: dict, memory: torch.Tensor) -> torch.Tensor:
     """Mean answer-token cross-entropy per row (B,), memory (B, 1, M, H) in the one slot."""
     emb = clara.splice(dec["ids"], memory)  # (B, T, H)
@@ -156,6 +225,8 @@ def main(argv=None) -> dict:
         print(f"1. oracle: a positive gives the lowest answer loss in {res['signal']['oracle']:.2f} of 64 training "
               f"rows; 2. gradient: dL/ds points at a positive in {res['signal']['gradient']:.2f} "
               f"(chance {res['signal']['chance']:.2f})", flush=True)
+    if a.docs == "full":  # of the checkpoint as loaded (3. may train the encoder), printed last
+        res["memory"] = memory_report(clara, train, test)
     adapters = ["query"] + (["encoder"] if a.train_encoder else [])
     clara.requires_grad_(False)
     params = [p for ad in adapters for p in clara.model.adapter_parameters(ad).values()]
@@ -181,6 +252,12 @@ def main(argv=None) -> dict:
     res["after"] = {"heldout": hit_rate(clara, test, n), "train": hit_rate(clara, train[:a.heldout], n)}
     res["loss"] = curve
     print(f"   after {a.steps} steps: held-out {res['after']['heldout']:.3f}, train {res['after']['train']:.3f}")
+    if "memory" in res:
+        m = res["memory"]
+        names = "; ".join(f"{k} {m[k]['train']:.2f} train / {m[k]['heldout']:.2f} held-out (majority class "
+                          f"{m[k]['chance']:.2f})" for k in ("first", "surname") if m[k])
+        print(f"4. memories: mean cosine between two documents' {m['cosine']:.4f} (near 1 = collapsed); the name "
+              f"read linearly from them: {names or 'no held-out name made of training words'}", flush=True)
     return res
 
 

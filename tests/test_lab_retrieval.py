@@ -67,3 +67,37 @@ def test_the_probe_reports_fractions(stage2):
     assert len(res["loss"]) == 2
     named = lab_retrieval.main(args + ["--docs", "name", "--train-encoder"])
     assert "signal" not in named  # a name alone cannot answer: no oracle on name-only documents
+
+
+def test_linear_probe_reads_a_linear_label_and_not_noise():
+    """Held-out accuracy ~1 when the class is a linear function of the features, ~chance when it is not."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 8, (600,), generator=g)
+    centres = torch.randn(8, 32, generator=g) * 3
+    x = centres[y] + torch.randn(600, 32, generator=g)  # (600, 32): the class is linearly separable
+    _, held = lab_retrieval.linear_probe(x[:400], y[:400], x[400:], y[400:])
+    assert held > 0.95, held
+    noise = torch.randn(600, 32, generator=g)  # independent of y
+    _, held = lab_retrieval.linear_probe(noise[:400], y[:400], noise[400:], y[400:])
+    assert held < 0.3, held  # chance 1/8
+
+
+def test_memory_report_on_word_names(tmp_path):
+    """The collapse measure is the mean cosine between different documents' memories (1.0 if every memory is
+    the same vector, 0 for orthogonal ones), and the name probes score held-out people made of training words."""
+    make_synthetic(tmp_path / "data", seed=1, n_train_entities=60, n_test_entities=20, k=1, n_candidates=8,
+                   names="words")
+    train.main(["--stage", "1", "--data", str(tmp_path / "data" / "stage1.jsonl"), "--out", str(tmp_path / "s1"),
+                *FAST])
+    clara = Clara.from_pretrained(tmp_path / "s1" / "checkpoint")
+    tr = lab_retrieval.load(tmp_path / "data" / "stage3.jsonl", "full", None)
+    te = lab_retrieval.load(tmp_path / "data" / "test_stage3.jsonl", "full", None)
+    m = lab_retrieval.memory_report(clara, tr, te)
+    assert -1 <= m["cosine"] < 1
+    for k in ("first", "surname"):
+        assert 0 <= m[k]["heldout"] <= 1 and 0 < m[k]["chance"] <= 1
+    x = torch.randn(3, 16)
+    assert lab_retrieval.mean_pairwise_cosine(x[:1].expand(5, -1)) == pytest.approx(1.0, abs=1e-5)  # collapsed
+    assert lab_retrieval.mean_pairwise_cosine(torch.eye(4)) == pytest.approx(0.0, abs=1e-6)
+    pair = torch.nn.functional.cosine_similarity(x[0], x[1], dim=0).item()
+    assert lab_retrieval.mean_pairwise_cosine(x[:2]) == pytest.approx(pair, abs=1e-6)
