@@ -1,25 +1,25 @@
 """The CPU lab's fast version (bench/lab.py --fast) as a learning regression test.
 
 It runs the real commands end to end (data, stage 0, stages 1 and 2 at rate 16, eval.py, stage 3) with
-fewer steps than the full lab, about 5 minutes on 2 cores, then trains the compressed route on the lab's own
-frozen base for one question type (bench/lab_probe.py, 100 steps). Bounds are set below every value measured
-(BENCHMARKS.md, "CPU lab"):
+fewer steps than the full lab, about 5-8 minutes on 2 cores, then trains the compressed route on the lab's
+own frozen base for one question type (bench/lab_probe.py, 100 steps) and runs bench/lab_retrieval.py on the
+stage-2 model. Bounds are set well below every value measured (BENCHMARKS.md, "CPU lab" and session 5):
 
-  - the stage-0 base reads raw text far above closed book: 24.0 / 44.7 / 34.7 vs 2.7 / 6.0 / 3.3 % over three
-    fast runs (2 seeds, 2 sizes);
-  - compressed reading, one question type, on the lab's frozen base: held-out exact 1.00 at step 100 on both
-    bases measured (0.57 and 0.98 at step 50);
-  - the stage-3 candidates can be told apart from their text: word overlap between question and document
-    picks a positive for 0.96 / 0.87 of held-out questions (fast / full lab; chance 0.16), so a retrieval
-    failure is the model's, not the data's (bench/lab_retrieval.py, which runs here end to end).
+  - compressed reading: held-out exact match far above closed book: 48.7 / 56.7 % vs 2.7 / 3.3 % in the two
+    fast runs since the lab dropped the alignment loss (with it: 2.0-34 %, by chance; 69.3 / 40.0 / 41.3 % in
+    three seeds of a similar setting);
+  - the stage-0 base reads raw text far above closed book (40.7 % in the fast run with the "Who ...?"
+    questions, 8.7 % in one without them; 24-45 % with the old syllable names);
+  - the documents' memories are not collapsed: mean cosine between two documents' memories ~0.3 for the
+    readers measured, 0.99999 with the alignment loss;
+  - compressed reading of one question type on the lab's frozen base (lab_probe): held-out exact 1.00 at
+    step 100 on every base measured;
+  - the stage-3 candidates can be told apart from their text (word overlap 0.75-0.96 vs chance 0.16), so a
+    retrieval failure is the model's, not the data's.
 
-Not asserted, because it is not reliable at the fast size: the fast lab's own compressed exact match after
-600 stage-2 steps (29.3% / 2.0% on seed 0 with 1,000 / 2,000 people, 2.7-3.3% on seed 1): whether the
-decoder leaves the answer-prior plateau in time depends on the order of the training batches alone
-(BENCHMARKS.md); and stage 3, which does not learn at this scale (the memories of whole documents do not
-carry the name, see lab_retrieval.py); nor name matching alone (lab_retrieval.py --docs name
---train-encoder: held-out hit@1 0.18 -> 0.35 in 150 steps in one run of the fast lab, 0.19 -> 0.21 in
-another, both measured before a fix of its name extraction). The test checks they run and are reported.
+Not asserted: stage 3, which does not learn at this scale (recall@1 at chance before and after: the
+memories do not carry the person's name, lab_retrieval.py's linear probes); it is checked to run and be
+reported.
 """
 import sys
 
@@ -38,9 +38,9 @@ def test_fast_lab_runs_and_its_base_and_compressor_learn_to_read(tmp_path):
     import lab_retrieval
     out = tmp_path / "lab"
     res = lab.main(["--fast", "--out", str(out)])
-    closed, text = res["closed_book"]["em"], res["text"]["em"]
+    closed, text, compressed = res["closed_book"]["em"], res["text"]["em"], res["rates"][16]["compressed"]["em"]
+    assert compressed > closed + 20, (compressed, closed)
     assert text > closed + 10, (text, closed)
-    assert 0 <= res["rates"][16]["compressed"]["em"] <= 100
     for key in ("before", "after"):
         r = res[f"stage3_{key}"]["retrieval"]
         assert r["n_retrieval@1"] == 150 and 0 <= r["recall@1"] <= r["recall@3"] <= 100, r
@@ -59,5 +59,7 @@ def test_fast_lab_runs_and_its_base_and_compressor_learn_to_read(tmp_path):
     # stage 3's diagnosis: the text tells the candidates apart; every figure is reported
     r = lab_retrieval.main(["--checkpoint", str(out / "rate16" / "stage2" / "checkpoint"), "--data", str(out / "data"),
                             "--steps", "20"])
-    assert r["lexical"] > r["chance"] + 0.3, r  # 0.96 measured, chance 0.16
+    assert r["lexical"] > r["chance"] + 0.3, r  # 0.75-0.96 measured, chance 0.16
+    assert r["memory"]["cosine"] < 0.9, r["memory"]  # not collapsed (0.99999 with the alignment loss)
+    print("lab_retrieval:", {k: r[k] for k in ("lexical", "chance", "signal", "before", "after", "memory")})
     assert all(0 <= r["signal"][k] <= 1 for k in ("oracle", "gradient")) and len(r["loss"]) == 20
