@@ -181,7 +181,7 @@ class Clara(nn.Module):
         if cfg.training_stage == 3:
             model.add_adapter("query", cfg.lora)
         self.loaded_adapters: set[str] = set()  # the adapters from_pretrained read from a checkpoint
-        self.loaded_stage: int | None = None  # the training stage that wrote that checkpoint (ours)
+        self.loaded_stage: int | None = None  # the training stage that wrote that checkpoint
         # The <MEMi> input embeddings train in stage 1 (CLARA_SPEC.md §2). Rather than a gradient mask over
         # the whole (V, H) embedding (and AdamW state for all of it), they live in their own (M, H)
         # parameter, used by `embed`, and are written into the embedding rows when a checkpoint is saved.
@@ -699,6 +699,7 @@ def _load_official(cls, path, base_model, dtype, device, compr_rate):
             clara.model.output.weight.copy_(head)
         clara.mem_embeddings.copy_(emb[int(clara.mem_ids[0]):int(clara.mem_ids[0]) + cfg.n_mem])
     _assign_state(clara, sd, path / "adapters.pth", [OFFICIAL_ADAPTERS[a] for a in adapters if a in OFFICIAL_ADAPTERS])
+    clara.loaded_stage = stage
     return clara
 
 

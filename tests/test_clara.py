@@ -290,6 +290,7 @@ def test_official_import_gives_identical_outputs(tiny_base, tmp_path):
         Clara.from_pretrained(tmp_path / "official")
     d = Clara.from_pretrained(tmp_path / "official", base_model=tiny_base)
     assert d.cfg.training_stage == 3 and sorted(d.model.adapters) == ["decoder", "encoder", "query"]
+    assert d.loaded_stage == 3  # official "stage2" is our stage 3 (end to end)
     for (n1, p1), (n2, p2) in zip(sorted(c.state_dict().items()), sorted(d.state_dict().items())):
         if n1 == "model.tok_embeddings.weight":  # the <MEMi> rows are unused: `mem_embeddings` replaces them
             keep = torch.ones(len(p1), dtype=torch.bool)
