@@ -5,9 +5,9 @@ fewer steps than the full lab, about 5-8 minutes on 2 cores, then trains the com
 own frozen base for one question type (bench/lab_probe.py, 100 steps) and runs bench/lab_retrieval.py on the
 stage-2 model. Bounds are set well below every value measured (BENCHMARKS.md, "CPU lab" and session 5):
 
-  - compressed reading: held-out exact match far above closed book: 48.7 / 56.7 % vs 2.7 / 3.3 % in the two
-    fast runs since the lab dropped the alignment loss (with it: 2.0-34 %, by chance; 69.3 / 40.0 / 41.3 % in
-    three seeds of a similar setting);
+  - compressed reading: held-out exact match far above closed book: 48.7 / 56.7 / 52.0 % vs 2.7-3.3 % in the
+    three fast runs since the lab dropped the alignment loss (with it: 2.0-34 %, by chance; 69.3 / 40.0 /
+    41.3 % in three seeds of a similar setting);
   - the stage-0 base reads raw text far above closed book (40.7 % in the fast run with the "Who ...?"
     questions, 8.7 % in one without them; 24-45 % with the old syllable names);
   - the documents' memories are not collapsed: mean cosine between two documents' memories ~0.3 for the
