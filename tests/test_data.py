@@ -394,9 +394,8 @@ def test_synthetic_word_names_and_name_questions(tmp_path):
 def test_synthetic_other_kind_distractors(tmp_path):
     """distractors="other-kind": similar names, but no candidate other than the positives has a fact of the
     asked kind, so the question's topic finds the document; the default gives every distractor one."""
-    from data import _SENTENCES, question_fact
-    kinds = {"place": "birth", "year": "birth", "job": "job", "home": "home", "company": "founded",
-             "fyear": "founded", "mentor": "mentor"}
+    from data import _ITEMS, _SENTENCES, question_fact
+    kinds = {item: g for g, items in _ITEMS.items() for item in items}  # asked fact -> its sentence group
     # a document has a fact group when one of that group's sentence templates matches one of its sentences
     rx = {g: [re.compile("^" + ".+".join(map(re.escape, re.split(r"\{\w+\}", t))) + "$") for t in ts]
           for g, ts in _SENTENCES.items()}
