@@ -491,12 +491,18 @@ _ITEMS = {"birth": ("place", "year"), "job": ("job",), "home": ("home",), "found
           "mentor": ("mentor",)}
 
 
-def _render(person: dict, order: list[str], variants: dict) -> str:
-    """The sentences of `order` (fact groups) with the chosen template variant of each, name first."""
-    pron = person["pronoun"]
+def _values(person: dict) -> dict:
+    """The template fields of a person's facts, plus "a_job" ("a baker", "an engineer") when there is a job."""
     values = {**person["facts"], "a_job": None}
     if "job" in values:
         values["a_job"] = ("an " if values["job"][0] in "aeiou" else "a ") + values["job"]
+    return values
+
+
+def _render(person: dict, order: list[str], variants: dict) -> str:
+    """The sentences of `order` (fact groups) with the chosen template variant of each, name first."""
+    pron = person["pronoun"]
+    values = _values(person)
     out = []
     for j, group in enumerate(order):
         subject = person["name"] if j == 0 else pron
@@ -572,9 +578,7 @@ def _question(rng, person: dict, item: str) -> str:
 
 def _who(rng, person: dict) -> str:
     """A question whose answer is the person's name, about one of their fact groups."""
-    facts = person["facts"]
-    a_job = ("an " if facts.get("job", "x")[0] in "aeiou" else "a ") + facts.get("job", "")
-    return _WHO[rng.choice(person["groups"])].format(a_job=a_job, **facts)
+    return _WHO[rng.choice(person["groups"])].format(**_values(person))
 
 
 def _distractors(rng, person: dict, item: str, answer: str, people: list[dict], index: dict, n: int) -> list[str]:
