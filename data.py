@@ -487,6 +487,12 @@ _QUESTIONS = {
 # memories keep the name (BENCHMARKS.md, session 5).
 _WHO = {"birth": "Who was born in {place}?", "job": "Who works as {a_job}?", "home": "Who lives in {home}?",
         "founded": "Who founded {company}?", "mentor": "Who studied under {mentor}?"}
+# Stage-2/3 questions with describe=True name the person AND one other fact of theirs, "Where was Edda Dunn
+# (a baker) born?", and no distractor shares that fact. The CPU lab needs it: its tiny encoder's memories keep
+# the facts of a document but not the person's name (BENCHMARKS.md, session 6), so without a fact in the
+# question nothing in the memories tells the person's document from similar people's.
+_DESCRIBE = {"birth": ("born in {place}", "place"), "job": ("{a_job}", "job"), "home": ("of {home}", "home"),
+             "founded": ("founder of {company}", "company"), "mentor": ("student of {mentor}", "mentor")}
 _ITEMS = {"birth": ("place", "year"), "job": ("job",), "home": ("home",), "founded": ("company", "fyear"),
           "mentor": ("mentor",)}
 
@@ -572,8 +578,19 @@ def question_fact(question: str) -> str:
     raise ValueError(f"not a synthetic question: {question!r}")
 
 
-def _question(rng, person: dict, item: str) -> str:
-    return rng.choice(_QUESTIONS[item]).format(n=person["name"], company=person["facts"].get("company"))
+def _question(rng, person: dict, item: str, described: str | None = None) -> str:
+    """A question about `item`; `described` ("a baker") follows the name in brackets when given."""
+    n = f"{person['name']} ({described})" if described else person["name"]
+    return rng.choice(_QUESTIONS[item]).format(n=n, company=person["facts"].get("company"))
+
+
+def _describe(rng, person: dict, item: str) -> tuple[str, str, str]:
+    """One of the person's OTHER fact groups: the phrase for the question ("a baker", "of Ulford"), the group
+    ("job") and the value that no distractor may contain ("baker", "Ulford")."""
+    asked = next(g for g, items in _ITEMS.items() if item in items)
+    group = rng.choice([g for g in person["groups"] if g != asked])  # every person has 2-4 groups
+    template, key = _DESCRIBE[group]
+    return template.format(**_values(person)), group, person["facts"][key]
 
 
 def _who(rng, person: dict) -> str:
@@ -581,7 +598,8 @@ def _who(rng, person: dict) -> str:
     return _WHO[rng.choice(person["groups"])].format(**_values(person))
 
 
-def _distractors(rng, person: dict, item: str, answer: str, people: list[dict], index: dict, n: int) -> list[str]:
+def _distractors(rng, person: dict, item: str, answer: str, people: list[dict], index: dict, n: int,
+                 described: tuple[str, str, str] | None = None) -> list[str]:
     """n documents of OTHER people that do not contain `answer`, as similar to `person` as possible.
 
     Tiers, in order: the same family (surname), the same first name, anyone else. Within a tier the order is
@@ -589,12 +607,14 @@ def _distractors(rng, person: dict, item: str, answer: str, people: list[dict], 
     are taken in turn: about half the distractors share the surname, half the first name, and only the
     whole name singles the person out. Every distractor has a fact of the asked kind (index["same_kind"],
     the default: only the name tells the documents apart) or, with same_kind False, none (the question's
-    topic alone then finds the document: an easier retrieval task).
+    topic alone then finds the document: an easier retrieval task). With `described` (see _describe) the
+    similar-name tiers also need a fact of the described group and no distractor contains the described value.
     """
     group = next(g for g, items in _ITEMS.items() if item in items)
-    kind = lambda q: (group in q["groups"]) == index["same_kind"]  # noqa: E731
+    kind = lambda q: ((group in q["groups"]) == index["same_kind"]  # noqa: E731
+                      and (described is None or described[1] in q["groups"]))
     chosen, seen = [], {person["name"]}
-    needle = answer.lower()
+    needles = [answer.lower()] + ([described[2].lower()] if described else [])
     tiers = [[q for q in index["surname"][person["surname"]] if kind(q)],
              [q for q in index["first"][person["first"]] if kind(q)]]
     tiers = [rng.sample(t, len(t)) for t in tiers]
@@ -609,7 +629,7 @@ def _distractors(rng, person: dict, item: str, answer: str, people: list[dict], 
         for q in tier:
             if len(chosen) == n:
                 return chosen
-            if q["name"] not in seen and needle not in q["doc"].lower():
+            if q["name"] not in seen and not any(x in q["doc"].lower() for x in needles):
                 seen.add(q["name"])
                 chosen.append(q["doc"])
     if len(chosen) < n:
@@ -619,8 +639,11 @@ def _distractors(rng, person: dict, item: str, answer: str, people: list[dict], 
 
 
 def _records(rng, people: list[dict], k: int, n_candidates: int, questions_per_entity: int, asked, mix: bool,
-             same_kind: bool):
-    """Stage-2 and stage-3 records: questions with k documents / with N candidates and pos_index."""
+             same_kind: bool, describe: bool = False):
+    """Stage-2 and stage-3 records: questions with k documents / with N candidates and pos_index.
+
+    describe: the questions also name one other fact of the person (see _describe), the same one in the
+    stage-2 and the stage-3 question, and no distractor has it."""
     index = {"surname": {}, "first": {}, "group": {}, "mix": mix, "same_kind": same_kind}
     for p in people:
         index["surname"].setdefault(p["surname"], []).append(p)
@@ -632,25 +655,29 @@ def _records(rng, people: list[dict], k: int, n_candidates: int, questions_per_e
         items = [i for i in p["items"] if asked is None or i in asked]
         for item in rng.sample(items, min(questions_per_entity, len(items))):
             answer = p["facts"][item]
-            docs = _distractors(rng, p, item, answer, people, index, k - 1) + [p["doc"]]
+            described = _describe(rng, p, item) if describe else None
+            docs = _distractors(rng, p, item, answer, people, index, k - 1, described) + [p["doc"]]
             rng.shuffle(docs)
-            stage2.append({"question": _question(rng, p, item), "docs": docs, "answer": answer,
+            phrase = described[0] if described else None
+            stage2.append({"question": _question(rng, p, item, phrase), "docs": docs, "answer": answer,
                            "gold_answer": answer})
             # Sometimes the paraphrase is a second positive: pos_index is a list, recall is over all of it.
             positives = [p["doc"], p["paraphrase"]] if rng.random() < 0.3 else [p["doc"]]
-            docs = positives + _distractors(rng, p, item, answer, people, index, n_candidates - len(positives))
+            docs = positives + _distractors(rng, p, item, answer, people, index, n_candidates - len(positives),
+                                            described)
             perm = rng.sample(range(n_candidates), n_candidates)  # candidate j goes to position perm[j]
             shuffled = [None] * n_candidates
             for j, d in enumerate(docs):
                 shuffled[perm[j]] = d
-            stage3.append({"question": _question(rng, p, item), "docs": shuffled, "answer": answer,
+            stage3.append({"question": _question(rng, p, item, phrase), "docs": shuffled, "answer": answer,
                            "pos_index": sorted(perm[:len(positives)])})
     return stage2, stage3
 
 
 def make_synthetic(out_dir, seed: int = 0, n_train_entities: int = 1000, n_test_entities: int = 200, k: int = 5,
                    n_candidates: int = 8, questions_per_entity: int = 1, asked: list[str] | None = None,
-                   names: str = "syllables", names_asked: bool = False, distractors: str = "same-kind") -> dict:
+                   names: str = "syllables", names_asked: bool = False, distractors: str = "same-kind",
+                   describe: bool = False) -> dict:
     """Write a synthetic data set in the official formats; deterministic for a seed. Returns the counts.
 
     out_dir/stage1.jsonl       per training person: one "qa" record (a question and answer per fact, and
@@ -670,6 +697,8 @@ def make_synthetic(out_dir, seed: int = 0, n_train_entities: int = 1000, n_test_
     distractors: "same-kind" (every distractor also has a fact of the asked kind: only the name tells the
     person's document apart) or "other-kind" (similar names, but no fact of the asked kind: the question's
     topic is enough, an easier retrieval task).
+    describe: stage-2/3 questions also name one other fact of the person, "Where was Edda Dunn (a baker)
+    born?", and no distractor has that fact (the fact alone then finds the document; the CPU lab's setting).
     """
     if names not in ("syllables", "words"):
         raise ValueError(f"make_synthetic: names={names!r}; choose 'syllables' or 'words'")
@@ -709,8 +738,10 @@ def make_synthetic(out_dir, seed: int = 0, n_train_entities: int = 1000, n_test_
         stage1.append({"data_type": "paraphrase", "question": [], "answers": [p["paraphrase"]], "docs": [p["doc"]]})
     rng.shuffle(stage1)
     same = distractors == "same-kind"
-    stage2, stage3 = _records(rng, train, k, n_candidates, questions_per_entity, asked, names == "words", same)
-    test2, test3 = _records(rng, test, k, n_candidates, questions_per_entity, asked, names == "words", same)
+    stage2, stage3 = _records(rng, train, k, n_candidates, questions_per_entity, asked, names == "words", same,
+                              describe)
+    test2, test3 = _records(rng, test, k, n_candidates, questions_per_entity, asked, names == "words", same,
+                            describe)
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -750,6 +781,9 @@ def main(argv=None):
     s.add_argument("--distractors", default="same-kind", choices=("same-kind", "other-kind"), help="stage-2/3 "
                    "distractors (people with similar names) also have a fact of the asked kind, so only the name "
                    "tells them apart, or have none, so the question's topic is enough (easier)")
+    s.add_argument("--describe", action="store_true", help="stage-2/3 questions also name one other fact of the "
+                   "person, 'Where was Edda Dunn (a baker) born?', that no distractor has (the CPU lab: its tiny "
+                   "encoder keeps facts, not names)")
     c = sub.add_parser("check", help="validate JSONL files against the format of a stage",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     c.add_argument("files", nargs="+", help="JSONL files")
@@ -758,7 +792,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.command == "synth":
         counts = make_synthetic(a.out, a.seed, a.train, a.test, a.k, a.candidates, a.questions, a.ask, a.names,
-                                a.ask_names, a.distractors)
+                                a.ask_names, a.distractors, a.describe)
         print(json.dumps(counts))
         return 0
     dataset = JsonlDataset(a.files, a.stage)

@@ -414,6 +414,39 @@ def test_synthetic_other_kind_distractors(tmp_path):
         make_synthetic(tmp_path / "x", distractors="none")
 
 
+def test_synthetic_described_questions(tmp_path):
+    """describe=True: every stage-2/3 question names its person AND one other fact of theirs, "Where was Edda
+    Dunn (a baker) born?", read from the person's document; the described fact is never the asked one, no
+    distractor contains its value, and a person's stage-2 and stage-3 questions describe the same fact."""
+    from data import _DESCRIBE, _ITEMS, question_fact
+    group_of = {item: g for g, items in _ITEMS.items() for item in items}
+    value_rx = {g: re.compile("^" + re.escape(t).replace(re.escape("{a_job}"), "an? (?P<v>.+)")
+                              .replace(re.escape("{" + key + "}"), "(?P<v>.+)") + "$") for g, (t, key) in _DESCRIBE.items()}
+    make_synthetic(tmp_path, seed=4, n_train_entities=300, n_test_entities=60, k=3, n_candidates=8,
+                   questions_per_entity=2, names="words", describe=True)
+    groups_seen = set()
+    for s2, s3 in (("stage2", "stage3"), ("test_stage2", "test_stage3")):
+        rows2, rows3 = load(tmp_path / f"{s2}.jsonl"), load(tmp_path / f"{s3}.jsonl")
+        assert len(rows2) == len(rows3) > 50
+        for r2, r3 in zip(rows2, rows3):
+            named = asked_name(r3["question"])
+            assert asked_name(r2["question"]) == named  # the same person, the same described fact
+            name, described = re.fullmatch(r"(\S+ \S+) \((.+)\)", named).groups()
+            (g, v), = [(g, m["v"]) for g, rx in value_rx.items() if (m := rx.match(described))]
+            groups_seen.add(g)
+            assert g != group_of[question_fact(r3["question"])], r3["question"]
+            pos2 = [j for j, d in enumerate(r2["docs"]) if r2["answer"] in d]
+            for r, pos in ((r2, pos2), (r3, r3["pos_index"])):
+                assert all(name in r["docs"][j] and v in r["docs"][j] for j in pos[:1]), r  # the document
+                assert all(v in r["docs"][j] for j in pos), r  # and its paraphrase
+                assert not any(v.lower() in d.lower() for j, d in enumerate(r["docs"]) if j not in pos), (v, r)
+    assert groups_seen == set(_DESCRIBE)
+    plain = tmp_path / "plain"
+    make_synthetic(plain, seed=4, n_train_entities=300, n_test_entities=60, k=3, n_candidates=8,
+                   questions_per_entity=2, names="words")
+    assert not any("(" in r["question"] for r in load(plain / "stage3.jsonl"))
+
+
 def test_question_fact_reads_every_template():
     from data import question_fact
     for fact, templates in _QUESTIONS.items():
