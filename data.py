@@ -487,12 +487,21 @@ _QUESTIONS = {
 # memories keep the name (BENCHMARKS.md, session 5).
 _WHO = {"birth": "Who was born in {place}?", "job": "Who works as {a_job}?", "home": "Who lives in {home}?",
         "founded": "Who founded {company}?", "mentor": "Who studied under {mentor}?"}
-# Stage-2/3 questions with describe=True name the person AND one other fact of theirs, "Where was Edda Dunn
-# (a baker) born?", and no distractor shares that fact. The CPU lab needs it: its tiny encoder's memories keep
-# the facts of a document but not the person's name (BENCHMARKS.md, session 6), so without a fact in the
-# question nothing in the memories tells the person's document from similar people's.
-_DESCRIBE = {"birth": ("born in {place}", "place"), "job": ("{a_job}", "job"), "home": ("of {home}", "home"),
-             "founded": ("founder of {company}", "company"), "mentor": ("student of {mentor}", "mentor")}
+# describe=True: every person has a job, and every stage-2/3 question names its person AND describes the job in
+# other words, "Where does Edda Dunn (who makes bread) live?"; no distractor has that job. The CPU lab needs it:
+# its tiny encoder's memories keep the facts of a document but not the person's name (BENCHMARKS.md, sessions
+# 5-6), so the name alone cannot tell the document from similar people's. The description shares no word with
+# the job, so the untrained query reasoner (a copy of the document encoder) cannot match it by surface form:
+# stage 3 has to learn that "who makes bread" finds the baker's document.
+_JOB_DESCRIPTIONS = {
+    "baker": "who makes bread", "carpenter": "who builds furniture", "teacher": "who runs a classroom",
+    "nurse": "who cares for patients", "painter": "who fills canvases", "farmer": "who grows crops",
+    "sailor": "who goes to sea", "doctor": "who treats the sick", "engineer": "who designs machines",
+    "librarian": "who keeps the books", "potter": "who shapes clay", "tailor": "who sews clothes",
+    "pilot": "who flies planes", "chemist": "who mixes compounds", "architect": "who plans buildings",
+    "gardener": "who tends flower beds", "musician": "who plays the violin", "lawyer": "who argues cases in court",
+    "miner": "who digs for ore", "weaver": "who works a loom", "jeweler": "who sets precious stones",
+    "butcher": "who cuts meat", "writer": "who pens novels", "astronomer": "who studies the stars"}
 _ITEMS = {"birth": ("place", "year"), "job": ("job",), "home": ("home",), "founded": ("company", "fyear"),
           "mentor": ("mentor",)}
 
@@ -517,8 +526,9 @@ def _render(person: dict, order: list[str], variants: dict) -> str:
     return " ".join(out)
 
 
-def _people(rng, n: int, firsts: list[str], used: set, places: list[str], names: str) -> list[dict]:
-    """n people in families of 2-4 sharing a surname, each with 2-4 fact groups.
+def _people(rng, n: int, firsts: list[str], used: set, places: list[str], names: str,
+            every_job: bool = False) -> list[dict]:
+    """n people in families of 2-4 sharing a surname, each with 2-4 fact groups (with every_job, one is "job").
 
     `used` holds what the other split may not reuse: surnames (names="syllables": a new family name each
     time) or full names (names="words": a surname word can return, a first-name + surname pair cannot).
@@ -549,6 +559,8 @@ def _people(rng, n: int, firsts: list[str], used: set, places: list[str], names:
                      "company": " ".join(rng.choice(part) for part in _COMPANY),
                      "fyear": str(rng.randint(year + 20, min(year + 50, 2020)))}
             groups = rng.sample(sorted(_ITEMS), rng.randint(2, 4))
+            if every_job and "job" not in groups:
+                groups[-1] = "job"  # no extra random draw: the rest of the data set stays as without it
             people.append({"name": f"{first} {surname}", "first": first, "surname": surname,
                            "pronoun": rng.choice(("he", "she")), "facts": facts, "groups": groups})
     for p in people:  # mentors come from the same split (a held-out name never enters the training files)
@@ -578,19 +590,12 @@ def question_fact(question: str) -> str:
     raise ValueError(f"not a synthetic question: {question!r}")
 
 
-def _question(rng, person: dict, item: str, described: str | None = None) -> str:
-    """A question about `item`; `described` ("a baker") follows the name in brackets when given."""
-    n = f"{person['name']} ({described})" if described else person["name"]
+def _question(rng, person: dict, item: str, describe: bool = False) -> str:
+    """A question about `item`; with describe, the job's description follows the name in brackets."""
+    n = f"{person['name']} ({_JOB_DESCRIPTIONS[person['facts']['job']]})" if describe else person["name"]
     return rng.choice(_QUESTIONS[item]).format(n=n, company=person["facts"].get("company"))
 
 
-def _describe(rng, person: dict, item: str) -> tuple[str, str, str]:
-    """One of the person's OTHER fact groups: the phrase for the question ("a baker", "of Ulford"), the group
-    ("job") and the value that no distractor may contain ("baker", "Ulford")."""
-    asked = next(g for g, items in _ITEMS.items() if item in items)
-    group = rng.choice([g for g in person["groups"] if g != asked])  # every person has 2-4 groups
-    template, key = _DESCRIBE[group]
-    return template.format(**_values(person)), group, person["facts"][key]
 
 
 def _who(rng, person: dict) -> str:
@@ -599,7 +604,7 @@ def _who(rng, person: dict) -> str:
 
 
 def _distractors(rng, person: dict, item: str, answer: str, people: list[dict], index: dict, n: int,
-                 described: tuple[str, str, str] | None = None) -> list[str]:
+                 avoid: str | None = None) -> list[str]:
     """n documents of OTHER people that do not contain `answer`, as similar to `person` as possible.
 
     Tiers, in order: the same family (surname), the same first name, anyone else. Within a tier the order is
@@ -607,14 +612,13 @@ def _distractors(rng, person: dict, item: str, answer: str, people: list[dict], 
     are taken in turn: about half the distractors share the surname, half the first name, and only the
     whole name singles the person out. Every distractor has a fact of the asked kind (index["same_kind"],
     the default: only the name tells the documents apart) or, with same_kind False, none (the question's
-    topic alone then finds the document: an easier retrieval task). With `described` (see _describe) the
-    similar-name tiers also need a fact of the described group and no distractor contains the described value.
+    topic alone then finds the document: an easier retrieval task). No distractor contains `avoid` either
+    (describe=True: the person's job).
     """
     group = next(g for g, items in _ITEMS.items() if item in items)
-    kind = lambda q: ((group in q["groups"]) == index["same_kind"]  # noqa: E731
-                      and (described is None or described[1] in q["groups"]))
+    kind = lambda q: (group in q["groups"]) == index["same_kind"]  # noqa: E731
     chosen, seen = [], {person["name"]}
-    needles = [answer.lower()] + ([described[2].lower()] if described else [])
+    needles = [answer.lower()] + ([avoid.lower()] if avoid else [])
     tiers = [[q for q in index["surname"][person["surname"]] if kind(q)],
              [q for q in index["first"][person["first"]] if kind(q)]]
     tiers = [rng.sample(t, len(t)) for t in tiers]
@@ -642,8 +646,9 @@ def _records(rng, people: list[dict], k: int, n_candidates: int, questions_per_e
              same_kind: bool, describe: bool = False):
     """Stage-2 and stage-3 records: questions with k documents / with N candidates and pos_index.
 
-    describe: the questions also name one other fact of the person (see _describe), the same one in the
-    stage-2 and the stage-3 question, and no distractor has it."""
+    describe: a question about another fact also describes the person's job (_JOB_DESCRIPTIONS), and no
+    distractor has that job; a question about the job is asked plainly in stage 2 (so the memories must keep
+    the job) and has no stage-3 record (nothing but the name would tell its document apart)."""
     index = {"surname": {}, "first": {}, "group": {}, "mix": mix, "same_kind": same_kind}
     for p in people:
         index["surname"].setdefault(p["surname"], []).append(p)
@@ -655,21 +660,23 @@ def _records(rng, people: list[dict], k: int, n_candidates: int, questions_per_e
         items = [i for i in p["items"] if asked is None or i in asked]
         for item in rng.sample(items, min(questions_per_entity, len(items))):
             answer = p["facts"][item]
-            described = _describe(rng, p, item) if describe else None
-            docs = _distractors(rng, p, item, answer, people, index, k - 1, described) + [p["doc"]]
+            described = describe and item != "job"
+            job = p["facts"]["job"] if described else None
+            docs = _distractors(rng, p, item, answer, people, index, k - 1, job) + [p["doc"]]
             rng.shuffle(docs)
-            phrase = described[0] if described else None
-            stage2.append({"question": _question(rng, p, item, phrase), "docs": docs, "answer": answer,
+            stage2.append({"question": _question(rng, p, item, described), "docs": docs, "answer": answer,
                            "gold_answer": answer})
+            if describe and not described:
+                continue
             # Sometimes the paraphrase is a second positive: pos_index is a list, recall is over all of it.
             positives = [p["doc"], p["paraphrase"]] if rng.random() < 0.3 else [p["doc"]]
             docs = positives + _distractors(rng, p, item, answer, people, index, n_candidates - len(positives),
-                                            described)
+                                            job)
             perm = rng.sample(range(n_candidates), n_candidates)  # candidate j goes to position perm[j]
             shuffled = [None] * n_candidates
             for j, d in enumerate(docs):
                 shuffled[perm[j]] = d
-            stage3.append({"question": _question(rng, p, item, phrase), "docs": shuffled, "answer": answer,
+            stage3.append({"question": _question(rng, p, item, described), "docs": shuffled, "answer": answer,
                            "pos_index": sorted(perm[:len(positives)])})
     return stage2, stage3
 
@@ -697,8 +704,10 @@ def make_synthetic(out_dir, seed: int = 0, n_train_entities: int = 1000, n_test_
     distractors: "same-kind" (every distractor also has a fact of the asked kind: only the name tells the
     person's document apart) or "other-kind" (similar names, but no fact of the asked kind: the question's
     topic is enough, an easier retrieval task).
-    describe: stage-2/3 questions also name one other fact of the person, "Where was Edda Dunn (a baker)
-    born?", and no distractor has that fact (the fact alone then finds the document; the CPU lab's setting).
+    describe: every person has a job, and stage-2/3 questions about another fact describe it in other words,
+    "Where does Edda Dunn (who makes bread) live?"; no distractor has that job, so the description alone
+    finds the document once a query reasoner has learned what it means (the CPU lab's setting). Questions
+    about the job stay plain and are stage-2 only.
     """
     if names not in ("syllables", "words"):
         raise ValueError(f"make_synthetic: names={names!r}; choose 'syllables' or 'words'")
@@ -707,6 +716,9 @@ def make_synthetic(out_dir, seed: int = 0, n_train_entities: int = 1000, n_test_
     unknown = sorted(set(asked or ()) - set(_QUESTIONS))
     if unknown:
         raise ValueError(f"make_synthetic: unknown fact(s) {unknown} in asked; choose from {sorted(_QUESTIONS)}")
+    if describe and asked is not None and set(asked) <= {"job"}:
+        raise ValueError(f"make_synthetic: describe=True describes the job, so stage 3 needs questions about "
+                         f"another fact than {asked}")
     if k < 1 or n_candidates < 2 or questions_per_entity < 1:
         raise ValueError(f"make_synthetic: need k >= 1, n_candidates >= 2, questions_per_entity >= 1; got k={k}, "
                          f"n_candidates={n_candidates}, questions_per_entity={questions_per_entity}")
@@ -724,8 +736,8 @@ def make_synthetic(out_dir, seed: int = 0, n_train_entities: int = 1000, n_test_
     places = sorted({h + t for h in _PLACE_HEAD for t in _PLACE_TAIL})
     places = rng.sample(places, 40)
     used = set()
-    train = _people(rng, n_train_entities, firsts, used, places, names)
-    test = _people(rng, n_test_entities, firsts, used, places, names)
+    train = _people(rng, n_train_entities, firsts, used, places, names, describe)
+    test = _people(rng, n_test_entities, firsts, used, places, names, describe)
 
     stage1 = []
     for p in train:
@@ -781,9 +793,10 @@ def main(argv=None):
     s.add_argument("--distractors", default="same-kind", choices=("same-kind", "other-kind"), help="stage-2/3 "
                    "distractors (people with similar names) also have a fact of the asked kind, so only the name "
                    "tells them apart, or have none, so the question's topic is enough (easier)")
-    s.add_argument("--describe", action="store_true", help="stage-2/3 questions also name one other fact of the "
-                   "person, 'Where was Edda Dunn (a baker) born?', that no distractor has (the CPU lab: its tiny "
-                   "encoder keeps facts, not names)")
+    s.add_argument("--describe", action="store_true", help="every person has a job; stage-2/3 questions about "
+                   "other facts describe it in other words, 'Where does Edda Dunn (who makes bread) live?', and no "
+                   "distractor has it; job questions are plain and stage-2 only (the CPU lab: its tiny encoder "
+                   "keeps facts, not names)")
     c = sub.add_parser("check", help="validate JSONL files against the format of a stage",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     c.add_argument("files", nargs="+", help="JSONL files")

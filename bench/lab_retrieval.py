@@ -150,6 +150,15 @@ def mean_pairwise_cosine(x: torch.Tensor) -> float:
     return ((unit @ unit.T).sum() - unit.pow(2).sum()).div(n * (n - 1)).item()  # drop the n self-pairs
 
 
+def positives(recs: list[dict], n: int) -> list[tuple[str, list[str]]]:
+    """The first n distinct positive documents of the records, each with its person's [first, surname]."""
+    out = {}
+    for r in recs:
+        for j in r["pos_index"]:
+            out.setdefault(r["docs"][j], person(r["docs"][j]).split())
+    return list(out.items())[:n]
+
+
 @torch.no_grad()
 def memory_report(clara: Clara, train: list[dict], test: list[dict], n_docs: int = 1000) -> dict:
     """4. What do the documents' memories hold? On the positives' distinct documents:
@@ -158,13 +167,7 @@ def memory_report(clara: Clara, train: list[dict], test: list[dict], n_docs: int
     - linear probes for the person's first name and surname (classes seen in training; held-out documents
       of new people): the name must be in the memory for a query to find the person's document.
     """
-    def docs(recs, n):
-        out = {}
-        for r in recs:
-            for j in r["pos_index"]:
-                out.setdefault(r["docs"][j], person(r["docs"][j]).split())
-        return list(out.items())[:n]
-    tr, te = docs(train, n_docs), docs(test, n_docs // 4)
+    tr, te = positives(train, n_docs), positives(test, n_docs // 4)
     was = clara.training
     clara.eval()
     m_tr = clara.compress_documents([d for d, _ in tr]).flatten(1).float()  # (n, M*H)
@@ -183,6 +186,64 @@ def memory_report(clara: Clara, train: list[dict], test: list[dict], n_docs: int
         acc_tr, acc_te = linear_probe(m_tr, y_tr, m_te[keep], y_te)
         res[name] = {"train": acc_tr, "heldout": acc_te, "chance": max(y_tr.bincount().tolist()) / len(y_tr)}
     return res
+
+
+def supervise_names(clara: Clara, train: list[dict], test: list[dict], steps: int, lr: float = 3e-3,
+                    batch: int = 32, seed: int = 0) -> list[dict]:
+    """5. Can the encoder write the name into its memory when told to directly? Trains the encoder adapter and
+    a linear head on its (layer-normed, flattened) memory to classify the person's first name and surname
+    (cross-entropy on both; training documents), and scores held-out people's documents (new pairs of known
+    words). Not the method: the question is whether the encoder CAN keep names, given a direct signal, or
+    whether something (the frozen base, attention that stage 1 locked onto the facts) prevents it.
+
+    Returns the curve [{"step", "first", "surname", "loss"}]: held-out accuracies every 50 steps and at the
+    last, with the mean training loss since the previous point (None at step 0).
+    """
+    tr, te = positives(train, 4000), positives(test, 400)
+    classes = [sorted({p[part] for _, p in tr}) for part in (0, 1)]
+    te = [(d, p) for d, p in te if p[0] in classes[0] and p[1] in classes[1]]
+    ids = [{c: i for i, c in enumerate(cs)} for cs in classes]
+    label = lambda rows: [torch.tensor([ids[part][p[part]] for _, p in rows]) for part in (0, 1)]  # noqa: E731
+    M, H = clara.cfg.n_mem, clara.model.cfg.dim
+    head = torch.nn.Linear(M * H, len(classes[0]) + len(classes[1]))
+    clara.requires_grad_(False)
+    params = list(clara.model.adapter_parameters("encoder").values()) + list(head.parameters())
+    for q in params:
+        q.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=lr)
+
+    def logits(docs: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        enc_ids, enc_mask, _ = clara.tokenize_documents(docs)
+        mem = clara.compress(enc_ids, enc_mask)[0].flatten(1).float()  # (B, M*H)
+        out = head(F.layer_norm(mem, mem.shape[1:]))  # (B, n_first + n_surname)
+        return out[:, :len(classes[0])], out[:, len(classes[0]):]
+
+    def held_out(step: int, loss: float | None = None) -> dict:
+        clara.eval()
+        with torch.no_grad():
+            outs = [logits([d for d, _ in te[i:i + 100]]) for i in range(0, len(te), 100)]
+        clara.train()
+        acc = [(torch.cat([o[part] for o in outs]).argmax(1) == y).float().mean().item()
+               for part, y in enumerate(label(te))]
+        print(f"5. names, supervised: step {step} held-out first name {acc[0]:.2f}, surname {acc[1]:.2f} "
+              f"(chance {1 / len(classes[0]):.2f}, {1 / len(classes[1]):.2f}; {len(te)} documents)", flush=True)
+        return {"step": step, "first": acc[0], "surname": acc[1], "loss": loss}
+
+    rng, curve, losses = random.Random(seed), [held_out(0)], []
+    clara.train()
+    for step in range(1, steps + 1):
+        rows = rng.sample(tr, batch)
+        y_first, y_surname = label(rows)
+        lf, ls = logits([d for d, _ in rows])
+        loss = F.cross_entropy(lf, y_first) + F.cross_entropy(ls, y_surname)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if step % 50 == 0 or step == steps:
+            curve.append(held_out(step, sum(losses) / len(losses)))
+            losses = []
+    return curve
 
 
 def per_row_ce(clara: Clara, dec: dict, memory: torch.Tensor) -> torch.Tensor:
@@ -207,6 +268,12 @@ def main(argv=None) -> dict:
     p.add_argument("--tau", type=float, default=0.05, help="InfoNCE temperature")
     p.add_argument("--heldout", type=int, default=160, help="held-out questions to score")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--query-init", choices=["encoder", "fresh"], default="encoder", help="the query reasoner "
+                   "starts as a copy of the encoder (the method) or as a fresh adapter on the frozen base")
+    p.add_argument("--supervise-names", type=int, default=0, metavar="STEPS", help="instead of 0-4: train the "
+                   "encoder for STEPS steps to put the person's name in its memory, with a linear head (5.)")
+    p.add_argument("--fresh-encoder", action="store_true", help="with --supervise-names: reset the encoder adapter "
+                   "first (the frozen base as stage 1 starts; the <MEMi> rows stay the checkpoint's)")
     a = p.parse_args(argv)
     torch.manual_seed(a.seed)
     data = Path(a.data)
@@ -215,7 +282,14 @@ def main(argv=None) -> dict:
     n = len(train[0]["docs"])
     clara = Clara.from_pretrained(a.checkpoint, training_stage=3)
     clara.cfg.generation_top_k = 1
+    if a.supervise_names:
+        if a.fresh_encoder:
+            clara.model.reset_adapter("encoder")
+        return {"settings": vars(a), "names": supervise_names(clara, train, test, a.supervise_names, a.lr,
+                                                              a.batch, a.seed)}
     clara.model.copy_adapter("encoder", "query")  # what train.py --stage 3 starts from
+    if a.query_init == "fresh":
+        clara.model.reset_adapter("query")
     res = {"settings": vars(a), "chance": sum(len(r["pos_index"]) for r in test) / (len(test) * n),
            "lexical": lexical(clara, test)}
     print(f"0. word overlap (bag of token ids) picks a positive for {res['lexical']:.3f} of held-out questions "

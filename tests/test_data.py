@@ -415,36 +415,41 @@ def test_synthetic_other_kind_distractors(tmp_path):
 
 
 def test_synthetic_described_questions(tmp_path):
-    """describe=True: every stage-2/3 question names its person AND one other fact of theirs, "Where was Edda
-    Dunn (a baker) born?", read from the person's document; the described fact is never the asked one, no
-    distractor contains its value, and a person's stage-2 and stage-3 questions describe the same fact."""
-    from data import _DESCRIBE, _ITEMS, question_fact
-    group_of = {item: g for g, items in _ITEMS.items() for item in items}
-    value_rx = {g: re.compile("^" + re.escape(t).replace(re.escape("{a_job}"), "an? (?P<v>.+)")
-                              .replace(re.escape("{" + key + "}"), "(?P<v>.+)") + "$") for g, (t, key) in _DESCRIBE.items()}
+    """describe=True: every person has a job; a stage-2/3 question about another fact names its person AND
+    describes the person's job in words that share none with it, "Where does Edda Dunn (who makes bread) live?",
+    and no distractor has that job; a question about the job is plain and in stage 2 only."""
+    from data import _JOB_DESCRIPTIONS, _JOBS, question_fact
+    assert sorted(_JOB_DESCRIPTIONS) == sorted(_JOBS)
+    for job, phrase in _JOB_DESCRIPTIONS.items():  # no surface overlap: stems of 4+ letters are not shared
+        assert not any(w[:4] in job or job[:4] in w for w in phrase.split() if len(w) >= 4), (job, phrase)
+    by_phrase = {v: k for k, v in _JOB_DESCRIPTIONS.items()}
     make_synthetic(tmp_path, seed=4, n_train_entities=300, n_test_entities=60, k=3, n_candidates=8,
                    questions_per_entity=2, names="words", describe=True)
-    groups_seen = set()
-    for s2, s3 in (("stage2", "stage3"), ("test_stage2", "test_stage3")):
-        rows2, rows3 = load(tmp_path / f"{s2}.jsonl"), load(tmp_path / f"{s3}.jsonl")
-        assert len(rows2) == len(rows3) > 50
-        for r2, r3 in zip(rows2, rows3):
-            named = asked_name(r3["question"])
-            assert asked_name(r2["question"]) == named  # the same person, the same described fact
-            name, described = re.fullmatch(r"(\S+ \S+) \((.+)\)", named).groups()
-            (g, v), = [(g, m["v"]) for g, rx in value_rx.items() if (m := rx.match(described))]
-            groups_seen.add(g)
-            assert g != group_of[question_fact(r3["question"])], r3["question"]
-            pos2 = [j for j, d in enumerate(r2["docs"]) if r2["answer"] in d]
-            for r, pos in ((r2, pos2), (r3, r3["pos_index"])):
-                assert all(name in r["docs"][j] and v in r["docs"][j] for j in pos[:1]), r  # the document
-                assert all(v in r["docs"][j] for j in pos), r  # and its paraphrase
-                assert not any(v.lower() in d.lower() for j, d in enumerate(r["docs"]) if j not in pos), (v, r)
-    assert groups_seen == set(_DESCRIBE)
+    jobs_seen, plain_jobs = set(), 0
+    for f in ("stage2", "stage3", "test_stage2", "test_stage3"):
+        rows = load(tmp_path / f"{f}.jsonl")
+        assert len(rows) > 40
+        for r in rows:
+            named, fact = asked_name(r["question"]), question_fact(r["question"])
+            pos = r.get("pos_index") or [j for j, d in enumerate(r["docs"]) if r["answer"] in d]
+            if fact == "job":  # plain, stage 2 only
+                assert "stage2" in f and "(" not in named, r
+                plain_jobs += 1
+                continue
+            name, phrase = re.fullmatch(r"(\S+ \S+) \((.+)\)", named).groups()
+            job = by_phrase[phrase]
+            jobs_seen.add(job)
+            assert name in r["docs"][pos[0]] and all(re.search(rf"\b{job}\b", r["docs"][j]) for j in pos), r
+            assert not any(job in d.lower() for j, d in enumerate(r["docs"]) if j not in pos), (job, r)
+    assert len(jobs_seen) > 15 and plain_jobs > 20
+    for line in (tmp_path / "corpus.txt").read_text(encoding="utf-8").splitlines():  # every person has a job
+        assert any(re.search(rf"\b{j}\b", line) for j in _JOBS), line
     plain = tmp_path / "plain"
     make_synthetic(plain, seed=4, n_train_entities=300, n_test_entities=60, k=3, n_candidates=8,
                    questions_per_entity=2, names="words")
     assert not any("(" in r["question"] for r in load(plain / "stage3.jsonl"))
+    with pytest.raises(ValueError, match="describe=True describes the job"):
+        make_synthetic(tmp_path / "x", names="words", asked=["job"], describe=True)
 
 
 def test_question_fact_reads_every_template():

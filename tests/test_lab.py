@@ -1,7 +1,7 @@
 """The CPU lab's fast version (bench/lab.py --fast) as a learning regression test.
 
-It runs the real commands end to end (data, stage 0, stages 1 and 2 at rate 16, eval.py, stage 3) with
-fewer steps than the full lab, about 5-8 minutes on 2 cores, then trains the compressed route on the lab's
+It runs the real commands end to end (data, stage 0, stages 1 and 2 at rate 4, eval.py, stage 3) with
+fewer steps than the full lab, about 8-9 minutes on 2 cores, then trains the compressed route on the lab's
 own frozen base for one question type (bench/lab_probe.py, 100 steps) and runs bench/lab_retrieval.py on the
 stage-2 model. Bounds are set well below every value measured (BENCHMARKS.md, "CPU lab" and session 5):
 
@@ -17,9 +17,9 @@ stage-2 model. Bounds are set well below every value measured (BENCHMARKS.md, "C
   - the stage-3 candidates can be told apart from their text (word overlap 0.75-0.96 vs chance 0.16), so a
     retrieval failure is the model's, not the data's.
 
-Not asserted: stage 3, which does not learn at this scale (recall@1 at chance before and after: the
-memories do not carry the person's name, lab_retrieval.py's linear probes); it is checked to run and be
-reported.
+  - stage 3 (questions that describe the person's job in other words, data.py --describe): recall@1 among 8
+    candidates from the untrained query reasoner's 19.8 % to 80.2 % after the retrieval warm-up and 71.4 %
+    after the end-to-end stage (fast lab, rate 4; at rate 16: 7.3 -> 82.3 -> 51.6 %).
 """
 import sys
 
@@ -38,15 +38,18 @@ def test_fast_lab_runs_and_its_base_and_compressor_learn_to_read(tmp_path):
     import lab_retrieval
     out = tmp_path / "lab"
     res = lab.main(["--fast", "--out", str(out)])
-    closed, text, compressed = res["closed_book"]["em"], res["text"]["em"], res["rates"][16]["compressed"]["em"]
+    closed, text, compressed = res["closed_book"]["em"], res["text"]["em"], res["rates"][4]["compressed"]["em"]
     assert compressed > closed + 20, (compressed, closed)
     assert text > closed + 10, (text, closed)
-    for key in ("before", "after"):
-        r = res[f"stage3_{key}"]["retrieval"]
-        assert r["n_retrieval@1"] == 150 and 0 <= r["recall@1"] <= r["recall@3"] <= 100, r
+    r3 = {key: res[f"stage3_{key}"]["retrieval"] for key in ("before", "warmup", "after")}
+    for r in r3.values():
+        assert r["n_retrieval@1"] == min(150, r["n"]) and 0 <= r["recall@1"] <= r["recall@3"] <= 100, r
+    recall = {key: r["recall@1"] for key, r in r3.items()}  # random choice: 12.5
+    assert recall["warmup"] > max(recall["before"], 12.5) + 25, recall
+    assert recall["after"] > max(recall["before"], 12.5) + 15, recall
     for name in ("results.json", "results.md", "rate_curve.svg", "stage3_curve.svg"):
         assert (out / name).stat().st_size > 200, name
-    assert f"| {res['rates'][16]['compressed']['em']:.1f} |" in (out / "results.md").read_text()
+    assert f"| {res['rates'][4]['compressed']['em']:.1f} |" in (out / "results.md").read_text()
 
     # the method's compressed route (encoder LoRA -> memory -> decoder LoRA) on the lab's frozen base
     threads = torch.get_num_threads()  # the probe runs on one thread
@@ -57,7 +60,7 @@ def test_fast_lab_runs_and_its_base_and_compressor_learn_to_read(tmp_path):
     assert curve[0]["heldout_exact"] < 0.2 and curve[-1]["heldout_exact"] > 0.8, curve
 
     # stage 3's diagnosis: the text tells the candidates apart; every figure is reported
-    r = lab_retrieval.main(["--checkpoint", str(out / "rate16" / "stage2" / "checkpoint"), "--data", str(out / "data"),
+    r = lab_retrieval.main(["--checkpoint", str(out / "rate4" / "stage2" / "checkpoint"), "--data", str(out / "data"),
                             "--steps", "20"])
     assert r["lexical"] > r["chance"] + 0.3, r  # 0.75-0.96 measured, chance 0.16
     assert r["memory"]["cosine"] < 0.9, r["memory"]  # not collapsed (0.99999 with the alignment loss)

@@ -101,3 +101,25 @@ def test_memory_report_on_word_names(tmp_path):
     assert lab_retrieval.mean_pairwise_cosine(torch.eye(4)) == pytest.approx(0.0, abs=1e-6)
     pair = torch.nn.functional.cosine_similarity(x[0], x[1], dim=0).item()
     assert lab_retrieval.mean_pairwise_cosine(x[:2]) == pytest.approx(pair, abs=1e-6)
+
+
+def test_supervised_names_trains_the_encoder_alone(tmp_path):
+    """5. (--supervise-names): the encoder adapter and a linear head learn to write the person's name into the
+    memory; nothing else of the model moves, and the held-out accuracies are fractions over people made of
+    training words. Here, from a 2-step stage-1 model, held-out names become readable: 0.31 / 0.20 first name /
+    surname at step 100 (chance 0.02) measured; the lab's own figures are in BENCHMARKS.md, session 6."""
+    make_synthetic(tmp_path / "data", seed=1, n_train_entities=300, n_test_entities=60, k=1, n_candidates=8,
+                   names="words")
+    train.main(["--stage", "1", "--data", str(tmp_path / "data" / "stage1.jsonl"), "--out", str(tmp_path / "s1"),
+                *FAST])
+    clara = Clara.from_pretrained(tmp_path / "s1" / "checkpoint")
+    before = {k: v.clone() for k, v in clara.state_dict().items()}
+    tr = lab_retrieval.load(tmp_path / "data" / "stage3.jsonl", "full", None)
+    te = lab_retrieval.load(tmp_path / "data" / "test_stage3.jsonl", "full", None)
+    curve = lab_retrieval.supervise_names(clara, tr, te, steps=100, lr=3e-3)
+    assert [c["step"] for c in curve] == [0, 50, 100]
+    assert all(0 <= c[k] <= 1 for c in curve for k in ("first", "surname"))
+    moved = {k for k, v in clara.state_dict().items() if not torch.equal(v, before[k])}
+    assert moved and all("lora_" in k and k.endswith(".encoder") for k in moved), sorted(moved)[:5]
+    assert curve[0]["loss"] is None and curve[-1]["loss"] < curve[1]["loss"], curve
+    assert curve[-1]["first"] + curve[-1]["surname"] > curve[0]["first"] + curve[0]["surname"] + 0.2, curve
