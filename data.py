@@ -487,12 +487,13 @@ _QUESTIONS = {
 # memories keep the name (BENCHMARKS.md, session 5).
 _WHO = {"birth": "Who was born in {place}?", "job": "Who works as {a_job}?", "home": "Who lives in {home}?",
         "founded": "Who founded {company}?", "mentor": "Who studied under {mentor}?"}
-# describe=True: every person has a job, and every stage-2/3 question names its person AND describes the job in
-# other words, "Where does Edda Dunn (who makes bread) live?"; no distractor has that job. The CPU lab needs it:
-# its tiny encoder's memories keep the facts of a document but not the person's name (BENCHMARKS.md, sessions
-# 5-6), so the name alone cannot tell the document from similar people's. The description shares no word with
-# the job, so the untrained query reasoner (a copy of the document encoder) cannot match it by surface form:
-# stage 3 has to learn that "who makes bread" finds the baker's document.
+# describe=True: every person has a job, and a stage-2/3 question about another fact names its person AND
+# describes the job in other words, "Where does Edda Dunn (who makes bread) live?"; no distractor has that job.
+# The CPU lab needs it: its tiny encoder's memories keep the facts its questions ask about but not the
+# person's name (BENCHMARKS.md, sessions 5-6), so the name alone cannot tell the document from similar
+# people's. The description shares no word with the job, so the untrained query reasoner (a copy of the
+# document encoder) cannot match it by surface form: stage 3 has to learn that "who makes bread" finds the
+# baker's document. Job questions stay plain and stage-2 only: a memory drops a fact no question asks.
 _JOB_DESCRIPTIONS = {
     "baker": "who makes bread", "carpenter": "who builds furniture", "teacher": "who runs a classroom",
     "nurse": "who cares for patients", "painter": "who fills canvases", "farmer": "who grows crops",
@@ -594,8 +595,6 @@ def _question(rng, person: dict, item: str, describe: bool = False) -> str:
     """A question about `item`; with describe, the job's description follows the name in brackets."""
     n = f"{person['name']} ({_JOB_DESCRIPTIONS[person['facts']['job']]})" if describe else person["name"]
     return rng.choice(_QUESTIONS[item]).format(n=n, company=person["facts"].get("company"))
-
-
 
 
 def _who(rng, person: dict) -> str:

@@ -1,8 +1,10 @@
-"""Why stage 3 does not learn in the CPU lab: can ANY query reasoner pick the right document from the memories?
+"""The CPU lab's stage-3 diagnosis: can ANY query reasoner pick the right document from the memories?
 
 Stage 3 (clara.py `Clara.retrieve`) learns retrieval only from the answer loss, through the straight-through
-top-k. Before blaming the estimator, this probe asks narrower questions of a stage-2 checkpoint on the
-lab's stage-3 files (question, N candidates, pos_index):
+top-k. When it does not learn, this probe asks narrower questions of a stage-2 checkpoint on the lab's
+stage-3 files (question, N candidates, pos_index). It is how sessions 4-6 found that the lab's memories keep
+the facts their training questions ask about and never the person's name (BENCHMARKS.md), which is why the
+lab's stage-3 questions now describe the person's job (data.py --describe):
 
   0. lexical   is the answer in the text? Word overlap (bag of token ids) between question and candidates.
   1. oracle    is the signal there? The decoder's answer loss with each candidate alone in the memory slot:
@@ -14,17 +16,23 @@ lab's stage-3 files (question, N candidates, pos_index):
                (clara.retrieval_infonce, the official optional warm-up): an upper bound on what the answer loss
                could teach it. --train-encoder also trains the document encoder (not the method: its encoder is
                frozen in stage 3); --docs name keeps only each document's person name, which isolates name
-               matching from reading the name out of a whole biography.
+               matching from reading the name out of a whole biography; --query-init fresh starts the query
+               reasoner as a fresh adapter instead of the encoder's copy.
   4. memories  what the checkpoint's document memories hold: the mean cosine between two documents'
                memories (~1: collapsed, every document the same vector; the alignment loss does that to the
-               lab's tiny encoder), and whether the person's first name and surname can be read from them by
-               a linear probe (trained on training documents, scored on held-out people's).
+               lab's tiny encoder), and whether the person's first name and surname, job and home town can be
+               read from them by a linear probe (trained on training documents, scored on held-out people's).
+  5. names     (--supervise-names STEPS, instead of 0-4) can the encoder write the name into its memory when
+               a linear head on the memory is trained to classify it? From the stage-2 encoder: no (chance);
+               from a fresh encoder adapter on the same frozen base (--fresh-encoder): yes. Stages 1-2 train the
+               encoder toward what the decoder reads, and the decoder never learned to read names.
 
     python bench/lab_retrieval.py --checkpoint out/lab/rate16/stage2/checkpoint --data out/lab/data
     python bench/lab_retrieval.py ... --train-encoder --docs name          # names alone: learnable
+    python bench/lab_retrieval.py ... --supervise-names 200 [--fresh-encoder]
 
 It prints held-out and training hit@1 (the top-scored candidate is a positive) before and after, and writes
-nothing. Measured figures and their commands: BENCHMARKS.md, "Stage 3 in the lab".
+nothing. Measured figures and their commands: BENCHMARKS.md, the stage-3 sections of sessions 4-6.
 """
 from __future__ import annotations
 
@@ -42,9 +50,11 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from clara import Clara, retrieval_infonce  # noqa: E402
-from data import _COMPANY, validate_record  # noqa: E402
+from data import _COMPANY, _JOBS, validate_record  # noqa: E402
 
 NAME = re.compile(r"[A-Z][a-z]+ [A-Z][a-z]+")  # a synthetic person's "First Surname" (or a company's start)
+JOB = re.compile(rf"\b({'|'.join(_JOBS)})\b")  # a document's job word
+HOME = re.compile(r"(?:lives in|makes a home in) (\w+)")  # its home town (data._SENTENCES["home"])
 
 
 def person(doc: str) -> str:
@@ -165,7 +175,8 @@ def memory_report(clara: Clara, train: list[dict], test: list[dict], n_docs: int
     - "cosine": mean cosine between two documents' memories (flattened, M*H). Near 1 means collapse: every
       document has (almost) the same memory, which is what the alignment loss does to a tiny encoder;
     - linear probes for the person's first name and surname (classes seen in training; held-out documents
-      of new people): the name must be in the memory for a query to find the person's document.
+      of new people): the name must be in the memory for a query to find the person's document; and for
+      two facts, the job and the home town, on the documents that have them.
     """
     tr, te = positives(train, n_docs), positives(test, n_docs // 4)
     was = clara.training
@@ -174,17 +185,21 @@ def memory_report(clara: Clara, train: list[dict], test: list[dict], n_docs: int
     m_te = clara.compress_documents([d for d, _ in te]).flatten(1).float()
     clara.train(was)
     res = {"cosine": mean_pairwise_cosine(m_tr[:200])}
-    for part, name in ((0, "first"), (1, "surname")):
-        classes = sorted({p[part] for _, p in tr})
-        keep = [i for i, (_, p) in enumerate(te) if p[part] in classes]  # held-out names made of known words
-        if not keep:
+    labels = {"first": lambda d, p: p[0], "surname": lambda d, p: p[1],
+              "job": lambda d, p: next((m.group(1) for m in [JOB.search(d)] if m), None),
+              "home": lambda d, p: next((m.group(1) for m in [HOME.search(d)] if m), None)}
+    for name, label in labels.items():
+        y_tr, y_te = [label(d, p) for d, p in tr], [label(d, p) for d, p in te]
+        classes = sorted({y for y in y_tr if y is not None})
+        a = [i for i, y in enumerate(y_tr) if y is not None]
+        b = [i for i, y in enumerate(y_te) if y in classes]  # held-out values seen in training (names: known words)
+        if not a or not b:
             res[name] = None  # e.g. syllable surnames: a held-out family's name never occurs in training
             continue
         ids = {c: i for i, c in enumerate(classes)}
-        y_tr = torch.tensor([ids[p[part]] for _, p in tr])
-        y_te = torch.tensor([ids[te[i][1][part]] for i in keep])
-        acc_tr, acc_te = linear_probe(m_tr, y_tr, m_te[keep], y_te)
-        res[name] = {"train": acc_tr, "heldout": acc_te, "chance": max(y_tr.bincount().tolist()) / len(y_tr)}
+        t_tr = torch.tensor([ids[y_tr[i]] for i in a])
+        acc_tr, acc_te = linear_probe(m_tr[a], t_tr, m_te[b], torch.tensor([ids[y_te[i]] for i in b]))
+        res[name] = {"train": acc_tr, "heldout": acc_te, "chance": max(t_tr.bincount().tolist()) / len(t_tr)}
     return res
 
 
@@ -328,10 +343,10 @@ def main(argv=None) -> dict:
     print(f"   after {a.steps} steps: held-out {res['after']['heldout']:.3f}, train {res['after']['train']:.3f}")
     if "memory" in res:
         m = res["memory"]
-        names = "; ".join(f"{k} {m[k]['train']:.2f} train / {m[k]['heldout']:.2f} held-out (majority class "
-                          f"{m[k]['chance']:.2f})" for k in ("first", "surname") if m[k])
-        print(f"4. memories: mean cosine between two documents' {m['cosine']:.4f} (near 1 = collapsed); the name "
-              f"read linearly from them: {names or 'no held-out name made of training words'}", flush=True)
+        probes = "; ".join(f"{k} {m[k]['train']:.2f} train / {m[k]['heldout']:.2f} held-out (majority class "
+                           f"{m[k]['chance']:.2f})" for k in ("first", "surname", "job", "home") if m[k])
+        print(f"4. memories: mean cosine between two documents' {m['cosine']:.4f} (near 1 = collapsed); read "
+              f"linearly from them: {probes or 'nothing with held-out values seen in training'}", flush=True)
     return res
 
 

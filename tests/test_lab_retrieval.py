@@ -94,8 +94,12 @@ def test_memory_report_on_word_names(tmp_path):
     te = lab_retrieval.load(tmp_path / "data" / "test_stage3.jsonl", "full", None)
     m = lab_retrieval.memory_report(clara, tr, te)
     assert -1 <= m["cosine"] < 1
-    for k in ("first", "surname"):
-        assert 0 <= m[k]["heldout"] <= 1 and 0 < m[k]["chance"] <= 1
+    for k in ("first", "surname", "job", "home"):  # the names, and two facts read from the documents' text
+        assert 0 <= m[k]["heldout"] <= 1 and 0 < m[k]["chance"] <= 1, (k, m[k])
+    assert lab_retrieval.JOB.search("By profession, he is an astronomer.").group(1) == "astronomer"
+    assert [lab_retrieval.HOME.search(d).group(1) for d in ("He now lives in Ulford.", "She lives in Kelport.",
+                                                            "These days she makes a home in Belford.")] == \
+        ["Ulford", "Kelport", "Belford"]
     x = torch.randn(3, 16)
     assert lab_retrieval.mean_pairwise_cosine(x[:1].expand(5, -1)) == pytest.approx(1.0, abs=1e-5)  # collapsed
     assert lab_retrieval.mean_pairwise_cosine(torch.eye(4)) == pytest.approx(0.0, abs=1e-6)
