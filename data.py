@@ -429,7 +429,8 @@ def batches(dataset: JsonlDataset, batch_size: int, epoch: int, seed: int, rank:
 #                      never seen in training (the words themselves are known). Telling people apart then
 #                      means keeping two known tokens; the CPU lab uses these (bench/lab.py).
 # Families share a surname and first names repeat, so the distractors of a question are people with SIMILAR
-# names and the same kind of facts: retrieval has to read the name, not just the topic.
+# names and the same kind of facts: retrieval has to read the name, not just the topic (unless the question
+# also describes the person's job: describe=True, see _JOB_DESCRIPTIONS).
 
 _FIRST = ["ka", "lo", "mi", "re", "ta", "vo", "ni", "sa", "be", "do", "fe", "ga", "ju", "li", "ma", "no", "pe",
           "ri", "su", "te", "va", "zo"]

@@ -185,9 +185,9 @@ def memory_report(clara: Clara, train: list[dict], test: list[dict], n_docs: int
     m_te = clara.compress_documents([d for d, _ in te]).flatten(1).float()
     clara.train(was)
     res = {"cosine": mean_pairwise_cosine(m_tr[:200])}
+    found = lambda rx, doc: (m := rx.search(doc)) and m.group(1)  # noqa: E731  (None when absent)
     labels = {"first": lambda d, p: p[0], "surname": lambda d, p: p[1],
-              "job": lambda d, p: next((m.group(1) for m in [JOB.search(d)] if m), None),
-              "home": lambda d, p: next((m.group(1) for m in [HOME.search(d)] if m), None)}
+              "job": lambda d, p: found(JOB, d), "home": lambda d, p: found(HOME, d)}
     for name, label in labels.items():
         y_tr, y_te = [label(d, p) for d, p in tr], [label(d, p) for d, p in te]
         classes = sorted({y for y in y_tr if y is not None})
@@ -209,7 +209,7 @@ def supervise_names(clara: Clara, train: list[dict], test: list[dict], steps: in
     a linear head on its (layer-normed, flattened) memory to classify the person's first name and surname
     (cross-entropy on both; training documents), and scores held-out people's documents (new pairs of known
     words). Not the method: the question is whether the encoder CAN keep names, given a direct signal, or
-    whether something (the frozen base, attention that stage 1 locked onto the facts) prevents it.
+    whether something (the frozen base, what stages 1-2 trained the encoder toward) prevents it.
 
     Returns the curve [{"step", "first", "surname", "loss"}]: held-out accuracies every 50 steps and at the
     last, with the mean training loss since the previous point (None at step 0).

@@ -110,7 +110,7 @@ def test_retrieval_warmup_trains_the_query_reasoner_alone(stage1, tmp_path):
     log = run(w, 3, "--init", str(s2 / "checkpoint"), "--retrieval-warmup", "--max-steps", "40", "--top-k", "1",
               "--lr", "3e-3", "--tau", "0.02", "--data", str(easy))
     assert "infonce" in log[0] and "ce" not in log[0]
-    # measured: 1.38 -> 0.97 over 20 steps (log 4 = 1.39 is a uniform choice); recall@1 of the 4 rows, 0.25 at
+    # measured: 1.38 -> 0.97 by step 20 (log 4 = 1.39 is a uniform choice); recall@1 of the 4 rows, 0.25 at
     # the start, reached 1.0 at step 20 in one run and 0.75 in another (a clean clone): so the recall of the
     # last 10 steps is compared with the first 10's, not one step's
     assert log[-1]["infonce"] < 0.85 * log[0]["infonce"], [r["infonce"] for r in log]
