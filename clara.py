@@ -441,14 +441,27 @@ class Clara(nn.Module):
     # -- inference API (names and meaning of the official model) -----------------------------------
 
     @torch.no_grad()
-    def compress_documents(self, documents: list[str], batch_size: int = 32) -> torch.Tensor:
-        """Documents -> memory vectors (n, M, H), encoder adapter, no dropout."""
+    def compress_documents(self, documents: list[str], batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+        """Documents -> (embeddings (n, M, H), mse), as the official call returns them.
+
+        Encoder adapter, eval mode (no dropout). mse is the alignment loss of `compress` over all n
+        documents (the batches' losses weighted by their sizes: the same mean as one pass over all of them).
+        Port `emb, _ = model.compress_documents(docs)` as it is; `compress_texts` returns the tensor alone.
+        """
+        if not documents:
+            raise ValueError("compress_documents: no documents to compress")
         self.eval()
-        out = []
+        out, mse = [], 0.0
         for i in range(0, len(documents), batch_size):
             ids, mask, _ = self.tokenize_documents(documents[i:i + batch_size])
-            out.append(self.compress(ids, mask)[0])
-        return torch.cat(out)
+            mem, m = self.compress(ids, mask)  # (b, M, H), ()
+            out.append(mem)
+            mse = mse + m * len(ids)
+        return torch.cat(out), mse / len(documents)
+
+    def compress_texts(self, documents: list[str], batch_size: int = 32) -> torch.Tensor:
+        """Documents -> memory vectors (n, M, H) only: `compress_documents` without the alignment loss."""
+        return self.compress_documents(documents, batch_size)[0]
 
     def _check_docs(self, questions, documents):
         if len(questions) != len(documents):
@@ -470,22 +483,51 @@ class Clara(nn.Module):
                        max_new_tokens=max_new_tokens, eos_id=self.tok.stop_ids)
         return self.tok.decode_batch(out)
 
+    def _memory_per_question(self, questions: list[str], compressed_documents) -> torch.Tensor:
+        """Any accepted layout of compressed documents -> (B, K, M, H), row b = question b's K documents.
+
+        Accepted: the official flat (B*K, M, H) of `compress_documents` on the concatenated document lists
+        (K = n // B, as officially; question b owns rows b*K..b*K+K-1), (B, K, M, H), or a list of B (K, M, H).
+        """
+        B, M, H = len(questions), self.cfg.n_mem, self.model.cfg.dim
+        mem = torch.stack(list(compressed_documents)) if isinstance(compressed_documents, (list, tuple)) else compressed_documents
+        got = tuple(mem.shape)
+        if mem.dim() == 3:
+            n = mem.shape[0]
+            if n == 0 or n % B:
+                raise ValueError(f"compressed_documents holds {n} documents for {B} questions: the flat "
+                                 f"(n_questions * k, M, H) layout needs a positive multiple of {B}")
+            mem = mem.reshape(B, n // B, *mem.shape[1:])  # (B, K, M, H)
+        if mem.dim() != 4 or mem.shape[0] != B or mem.shape[2] != M or mem.shape[3] != H:
+            raise ValueError(f"compressed_documents must be (B*K, M={M}, H={H}), (B={B}, K, M, H) or a list "
+                             f"of B (K, M, H); got {got}")
+        return mem
+
     def generate_from_compressed_documents_and_questions(self, questions: list[str], compressed_documents,
                                                          max_new_tokens: int = 128) -> list[str]:
-        """Answer each question from its (K, M, H) compressed documents: (B, K, M, H) or a list of them."""
-        mem = torch.stack(list(compressed_documents)) if isinstance(compressed_documents, (list, tuple)) else compressed_documents
-        if mem.dim() != 4 or mem.shape[0] != len(questions) or mem.shape[2] != self.cfg.n_mem:
-            raise ValueError(f"compressed_documents must be (B={len(questions)}, K, M={self.cfg.n_mem}, H); "
-                             f"got {tuple(mem.shape)}")
+        """Answer each question from its compressed documents: the official flat (B*K, M, H) tensor that
+        `compress_documents` returns for the concatenated document lists (K = n // B), or (B, K, M, H), or
+        a list of B (K, M, H). Unlike the official method, changes no model state."""
+        mem = self._memory_per_question(questions, compressed_documents)  # (B, K, M, H)
         prompts = [build_prompt("answer", self.mem_slots * mem.shape[1], question=q, fmt=self.fmt)[0] for q in questions]
         return self._generate(prompts, mem.to(self.device), max_new_tokens)
 
-    def generate_from_text(self, questions: list[str], documents: list[list[str]], max_new_tokens: int = 128,
-                           adapter: str | None = "decoder") -> list[str]:
-        """Answer from the raw text of the documents (no compression): the uncompressed baseline.
+    def generate_from_text(self, questions: list[str], documents: list[list[str]], max_new_tokens: int = 128) -> list[str]:
+        """The official meaning: compress every given document (encoder adapter, no dropout), then answer
+        from their memory vectors (decoder adapter), k = len(documents[0]) slots. The decoder never sees
+        the raw text; for that baseline see `generate_from_raw_text`. Unlike the official method, changes
+        no model state (the official one overwrites generation_top_k)."""
+        self._check_docs(questions, documents)
+        mem = self.compress_texts([d for ds in documents for d in ds])  # (B*K, M, H), question-major
+        return self.generate_from_compressed_documents_and_questions(questions, mem, max_new_tokens)
+
+    def generate_from_raw_text(self, questions: list[str], documents: list[list[str]], max_new_tokens: int = 128,
+                               adapter: str | None = "decoder") -> list[str]:
+        """Answer from the raw text of the documents (no compression): the uncompressed baseline, not an
+        official call.
 
         The documents replace the memory slots, one per line. adapter=None reads with the bare base model
-        (the paper's "Mistral-7B w/ retrieval" row). Unlike the official method, changes no model state.
+        (the paper's "Mistral-7B w/ retrieval" row).
         """
         self._check_docs(questions, documents)
         prompts = [text_prompt(q, d, self.fmt) for q, d in zip(questions, documents)]
@@ -500,7 +542,7 @@ class Clara(nn.Module):
     def generate_from_paraphrase(self, questions: list[str], documents: list[list[str]], max_new_tokens: int = 128) -> list[str]:
         """Stage-1 (Base) checkpoints: regenerate each question's documents from their memory vectors."""
         k = self._check_docs(questions, documents)
-        mem = self.compress_documents([d for ds in documents for d in ds])  # (B*K, M, H)
+        mem = self.compress_texts([d for ds in documents for d in ds])  # (B*K, M, H)
         prompts = [build_prompt("paraphrase", self.mem_slots * k, fmt=self.fmt)[0] for _ in questions]
         return self._generate(prompts, mem.view(len(questions), k, *mem.shape[1:]), max_new_tokens)
 
@@ -755,7 +797,7 @@ class MemoryBank:
 
     @classmethod
     def build(cls, clara: Clara, documents: list[str], ids: list[str] | None = None, batch_size: int = 32):
-        vecs = clara.compress_documents(documents, batch_size).cpu()
+        vecs = clara.compress_texts(documents, batch_size).cpu()
         return cls(vecs, ids if ids is not None else [str(i) for i in range(len(documents))])
 
     def save(self, path: str | Path):

@@ -410,13 +410,13 @@ def run_batch(clara: Clara, mode: str, batch: list[dict], k: int, max_new_tokens
         used = [list(range(k)) for _ in batch]  # both modes read the first k documents of each record
     if mode == "compressed":
         t0 = clock()
-        mem = clara.compress_documents([d for r in batch for d in r["docs"][:k]], opts.doc_batch_size)  # (B*K, M, H)
+        mem = clara.compress_texts([d for r in batch for d in r["docs"][:k]], opts.doc_batch_size)  # (B*K, M, H)
         timing["compress"] = clock() - t0
         mem = mem.view(B, k, *mem.shape[1:])  # (B, K, M, H): row b holds its k documents in order
         call = partial(clara.generate_from_compressed_documents_and_questions, questions, mem, max_new_tokens)
     elif mode == "text":
         docs = [r["docs"][:k] for r in batch]
-        call = partial(clara.generate_from_text, questions, docs, max_new_tokens, adapter=opts.text_adapter)
+        call = partial(clara.generate_from_raw_text, questions, docs, max_new_tokens, adapter=opts.text_adapter)
     elif mode == "closed_book":
         used = [[] for _ in batch]
         prompts = [closed_book_prompt(clara, q) for q in questions]
@@ -424,7 +424,7 @@ def run_batch(clara: Clara, mode: str, batch: list[dict], k: int, max_new_tokens
     elif mode == "retrieval":
         N = len(batch[0]["docs"])  # batches are cut where N changes (see `batches_of`)
         t0 = clock()
-        mem = clara.compress_documents([d for r in batch for d in r["docs"]], opts.doc_batch_size)  # (B*N, M, H)
+        mem = clara.compress_texts([d for r in batch for d in r["docs"]], opts.doc_batch_size)  # (B*N, M, H)
         timing["compress"] = clock() - t0
         t0 = clock()
         D = mem.view(B, N, -1).float()  # (B, N, M*H): the candidates of question b

@@ -181,8 +181,8 @@ def memory_report(clara: Clara, train: list[dict], test: list[dict], n_docs: int
     tr, te = positives(train, n_docs), positives(test, n_docs // 4)
     was = clara.training
     clara.eval()
-    m_tr = clara.compress_documents([d for d, _ in tr]).flatten(1).float()  # (n, M*H)
-    m_te = clara.compress_documents([d for d, _ in te]).flatten(1).float()
+    m_tr = clara.compress_texts([d for d, _ in tr]).flatten(1).float()  # (n, M*H)
+    m_te = clara.compress_texts([d for d, _ in te]).flatten(1).float()
     clara.train(was)
     res = {"cosine": mean_pairwise_cosine(m_tr[:200])}
     found = lambda rx, doc: (m := rx.search(doc)) and m.group(1)  # noqa: E731  (None when absent)

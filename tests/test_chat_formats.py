@@ -207,7 +207,8 @@ def test_every_generate_runs(fmt_base):
     q, docs = ["What is the capital?", "Who?"], [DOCS[:2], DOCS[2:4]]
     ids, mask, _ = c.tokenize_documents([d for ds in docs for d in ds])
     mem = c.compress(ids, mask)[0].view(2, 2, c.cfg.n_mem, -1)
-    outs = [c.generate_from_text(q, docs, max_new_tokens=3), c.generate_closed_book(q, 3),
+    outs = [c.generate_from_text(q, docs, max_new_tokens=3), c.generate_from_raw_text(q, docs, 3),
+            c.generate_closed_book(q, 3),
             c.generate_from_paraphrase(q, docs, 3), c.generate_from_compressed_documents_and_questions(q, mem, 3),
             c.generate_from_questions(q, docs, 3)[0]]
     assert all(len(o) == 2 and all(isinstance(a, str) for a in o) for o in outs)

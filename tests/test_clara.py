@@ -300,6 +300,14 @@ def test_official_import_gives_identical_outputs(tiny_base, tmp_path):
     q = ["What is the capital of France?", "Who wrote the book?"]
     docs = [DOCS[:4], DOCS[1:5]]
     assert c.generate_from_questions(q, docs, 5)[0] == d.generate_from_questions(q, docs, 5)[0]
+    # the other three official calls, as a port of the official README would make them
+    assert c.generate_from_text(q, docs, 5) == d.generate_from_text(q, docs, 5)
+    flat = [x for ds in docs for x in ds]
+    (emb_c, mse_c), (emb_d, mse_d) = c.compress_documents(flat), d.compress_documents(flat)
+    assert torch.equal(emb_c, emb_d) and torch.equal(mse_c, mse_d)
+    assert (c.generate_from_compressed_documents_and_questions(q, emb_c, 5)
+            == d.generate_from_compressed_documents_and_questions(q, emb_d, 5))
+    assert c.generate_from_paraphrase(q, docs, 5) == d.generate_from_paraphrase(q, docs, 5)
 
 
 def test_generate_functions_batched(tiny_base):
@@ -309,17 +317,74 @@ def test_generate_functions_batched(tiny_base):
     a = c.generate_from_text(q, docs, max_new_tokens=4)
     assert len(a) == 2 and all(isinstance(x, str) for x in a)
     assert len(c.generate_from_paraphrase(q, docs, max_new_tokens=4)) == 2
-    mem = c.compress_documents(DOCS[:4]).view(2, 2, 4, 64)
+    assert len(c.generate_from_raw_text(q, docs, max_new_tokens=4)) == 2
+    mem = c.compress_texts(DOCS[:4]).view(2, 2, 4, 64)
     b = c.generate_from_compressed_documents_and_questions(q, mem, max_new_tokens=4)
     # batched answers equal one-by-one answers (left padding changes nothing)
     assert b == [c.generate_from_compressed_documents_and_questions([q[i]], mem[i:i + 1], 4)[0] for i in range(2)]
     answers, idx = c.generate_from_questions(q, docs, max_new_tokens=4)
     assert idx.shape == (2, 2) and len(answers) == 2
     # the answer equals answering from the chosen documents directly, in rank order
-    chosen = torch.stack([c.compress_documents([docs[b][i] for i in idx[b].tolist()]) for b in range(2)])
+    chosen = torch.stack([c.compress_texts([docs[b][i] for i in idx[b].tolist()]) for b in range(2)])
     assert answers == c.generate_from_compressed_documents_and_questions(q, chosen, 4)
     # generate_from_text does not change the model's top-k (an official defect)
     assert c.cfg.generation_top_k == 2
+
+
+def trained_stage2(tiny_base, path, steps=4):
+    """A stage-2 checkpoint trained a few steps on records(2): enough to answer "Paris" / "Alice" from
+    the compressed documents, while the raw text (never trained on) gives something else."""
+    c = make(tiny_base, stage=2)
+    batch = c.collate(records(2), stage=2)
+    opt = torch.optim.AdamW(c.trainable_parameters(2).values(), lr=3e-3)
+    c.train()
+    for _ in range(steps):
+        loss = c.total_loss(c.loss(batch, 2))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    c.save_pretrained(path)
+    return Clara.from_pretrained(path)
+
+
+def test_generate_from_text_answers_from_the_compressed_documents(tiny_base, tmp_path):
+    c = trained_stage2(tiny_base, tmp_path / "ck")
+    q, docs = [r["question"] for r in records(2)], [r["docs"] for r in records(2)]
+    a = c.generate_from_text(q, docs, max_new_tokens=6)
+    # the official call sequence: compress the concatenated lists, answer from the flat (B*K, M, H) tensor
+    emb, _ = c.compress_documents([d for ds in docs for d in ds])
+    assert emb.shape == (4, 4, 64)
+    assert a == c.generate_from_compressed_documents_and_questions(q, emb, max_new_tokens=6)
+    # ... and not from the raw text (these inputs answer differently there, so a raw-text reading fails above)
+    raw = c.generate_from_raw_text(q, docs, max_new_tokens=6)
+    assert raw != a, (a, raw)
+    assert c.generate_from_raw_text(q, docs, max_new_tokens=6, adapter=None) != a
+    # the flat, 4-D and list layouts are the same documents in the same slots
+    four = emb.view(2, 2, 4, 64)  # (B, K, M, H)
+    assert c.generate_from_compressed_documents_and_questions(q, four, 6) == a
+    assert c.generate_from_compressed_documents_and_questions(q, list(four), 6) == a
+    assert c.generate_from_compressed_documents_and_questions(q[1:], emb[2:], 6) == a[1:]  # k = 2 // 1
+    with pytest.raises(ValueError, match=r"holds 3 documents for 2 questions: the flat \(n_questions \* k, M, H\) "
+                                         r"layout needs a positive multiple of 2"):
+        c.generate_from_compressed_documents_and_questions(q, emb[:3])
+    with pytest.raises(ValueError, match=r"compressed_documents must be .*got \(4, 3, 64\)"):
+        c.generate_from_compressed_documents_and_questions(q, emb[:, :3])
+    assert c.cfg.generation_top_k == 2  # no call changed the model's top-k
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_compress_documents_returns_embeddings_and_mse(tiny_base, n):
+    c = make(tiny_base, stage=2).eval()
+    emb, mse = c.compress_documents(DOCS[:n])  # the official unpacking, whatever the number of documents
+    assert emb.shape == (n, 4, 64) and mse.shape == ()
+    ids, mask, _ = c.tokenize_documents(DOCS[:n])
+    mem, ref = c.compress(ids, mask)
+    torch.testing.assert_close(emb, mem)
+    torch.testing.assert_close(mse, ref)  # the alignment loss of `compress`
+    emb1, mse1 = c.compress_documents(DOCS[:n], batch_size=1)  # batches: the same mean over documents
+    torch.testing.assert_close(emb1, emb, atol=1e-5, rtol=0)
+    torch.testing.assert_close(mse1, mse, atol=1e-6, rtol=1e-5)
+    assert torch.equal(c.compress_texts(DOCS[:n]), emb)
 
 
 def test_memory_bank(tiny_base, tmp_path):
@@ -343,6 +408,8 @@ def test_bad_inputs(tiny_base, tmp_path):
     c = make(tiny_base, stage=3)
     with pytest.raises(ValueError, match="same number of documents"):
         c.generate_from_text(["a", "b"], [DOCS[:2], DOCS[:3]])
+    with pytest.raises(ValueError, match="same number of documents"):
+        c.generate_from_raw_text(["a", "b"], [DOCS[:2], DOCS[:3]])
     with pytest.raises(ValueError, match="same number of documents"):
         c.collate([{**records(2)[0]}, {**records(2)[1], "docs": DOCS[:3]}], stage=2)
     with pytest.raises(ValueError, match="top-k 5 is larger than the number of candidates 4"):
