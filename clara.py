@@ -661,8 +661,9 @@ def _read_json(file: Path) -> dict:
     return obj
 
 
-def _short(e: BaseException) -> str:
-    """The first line of an exception's message (library errors can span lines)."""
+def error_line(e: BaseException) -> str:
+    """The first line of an exception's message (library errors can span lines), without the quotes a
+    KeyError adds: what a command line prints for one of LOAD_ERRORS."""
     text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
     return (text.strip().splitlines() or [type(e).__name__])[0]
 
@@ -716,6 +717,12 @@ def _load_native(cls, path, base_model, dtype, device, compr_rate, training_stag
             raise ValueError(f"{conf}: field {key!r} missing or not {'an object' if typ is dict else 'a list'}")
     if not all(isinstance(a, str) and a.isidentifier() for a in meta["adapters"]):
         raise ValueError(f"{conf}: field 'adapters' must list adapter names, found {meta['adapters']!r}")
+    kinds = {int: (int,), float: (int, float), str: (str,)}
+    for f in fields(ClaraConfig):
+        v = meta["clara"].get(f.name)
+        want = kinds.get({"int": int, "float": float, "str": str}.get(str(f.type), object), (object,))
+        if f.name in meta["clara"] and (isinstance(v, bool) or not isinstance(v, want)):
+            raise ValueError(f"{conf}: field 'clara.{f.name}' is {v!r}, expected {f.type}")
     try:
         cfg = ClaraConfig.from_dict(meta["clara"], str(conf))
     except TypeError as e:  # a field of the wrong type fails inside __post_init__'s arithmetic
@@ -740,7 +747,7 @@ def _load_native(cls, path, base_model, dtype, device, compr_rate, training_stag
     try:
         model = Transformer.from_pretrained(base, dtype=dtype, device=device)
     except SafetensorError as e:
-        raise ValueError(f"{base}: a weight file cannot be read ({_short(e)})") from None
+        raise ValueError(f"{base}: a weight file cannot be read ({error_line(e)})") from None
     clara = cls(model, tok, cfg, base_path=str(base))
     clara.base_carried = base == path / "base"
     clara.base_sha256 = base_sha if isinstance(base_sha, dict) else None
@@ -751,7 +758,7 @@ def _load_native(cls, path, base_model, dtype, device, compr_rate, training_stag
     try:
         sd = load_file(file)
     except (SafetensorError, OSError) as e:
-        raise ValueError(f"{file}: not a readable safetensors file ({_short(e)})") from None
+        raise ValueError(f"{file}: not a readable safetensors file ({error_line(e)})") from None
     required = ["added_embeddings"] + ([] if clara.model.cfg.tie_embeddings else ["added_lm_head"])
     _assign_state(clara, sd, file, meta["adapters"], required)
     clara.loaded_stage = saved_stage
@@ -819,7 +826,7 @@ def _torch_file(file: Path):
         obj = torch.load(file, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError,
             AttributeError, IndexError, TypeError) as e:
-        raise ValueError(f"{file}: cannot be read as a PyTorch weights file ({_short(e)})") from None
+        raise ValueError(f"{file}: cannot be read as a PyTorch weights file ({error_line(e)})") from None
     if not isinstance(obj, dict):
         raise ValueError(f"{file}: expected a dict of tensors, found {type(obj).__name__}")
     return obj
@@ -864,7 +871,7 @@ def _load_official(cls, path, base_model, dtype, device, compr_rate):
     try:
         model = Transformer.from_pretrained(base, dtype=dtype, device=device)
     except SafetensorError as e:
-        raise ValueError(f"{base}: a weight file cannot be read ({_short(e)})") from None
+        raise ValueError(f"{base}: a weight file cannot be read ({error_line(e)})") from None
     clara = cls(model, tok, cfg, base_path=str(base))
     sd = {}
     for off_name, tensors in adapters.items():

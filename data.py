@@ -282,18 +282,38 @@ def validate_record(obj, stage: int, where: str) -> dict:
     return record
 
 
-def parse_record(line: bytes | str, stage: int, where: str) -> dict:
-    """One JSONL line -> a validated record (see validate_record)."""
+def _unique_keys(where: str):
+    """json object_pairs_hook: a key given twice in one object is an error (json keeps the last silently)."""
+    def hook(pairs):
+        obj = {}
+        for k, v in pairs:
+            if k in obj:
+                raise DataError(f"{where}: duplicate key {k!r} in a JSON object (json.loads would keep only the "
+                                "last value)")
+            obj[k] = v
+        return obj
+    return hook
+
+
+def loads_record(line: bytes | str, where: str):
+    """One JSONL line -> the parsed JSON value: valid UTF-8, valid JSON, no key twice in an object, not
+    nested beyond Python's recursion limit. Raises DataError naming `where` (file:line)."""
     if isinstance(line, bytes):
         try:
             line = line.decode("utf-8")
         except UnicodeDecodeError as e:
             raise DataError(f"{where}: not valid UTF-8 ({e})") from None
     try:
-        obj = json.loads(line)
+        return json.loads(line, object_pairs_hook=_unique_keys(where))
     except json.JSONDecodeError as e:
         raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-    return validate_record(obj, stage, where)
+    except RecursionError:
+        raise DataError(f"{where}: JSON nested too deeply to read") from None
+
+
+def parse_record(line: bytes | str, stage: int, where: str) -> dict:
+    """One JSONL line -> a validated record (see loads_record and validate_record)."""
+    return validate_record(loads_record(line, where), stage, where)
 
 
 class JsonlDataset:
