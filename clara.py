@@ -824,9 +824,13 @@ def _torch_file(file: Path):
                                 "decoder_first_last_layers.pth)")
     try:
         obj = torch.load(file, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError,
-            AttributeError, IndexError, TypeError) as e:
-        raise ValueError(f"{file}: cannot be read as a PyTorch weights file ({error_line(e)})") from None
+    except pickle.UnpicklingError:  # torch's own text suggests weights_only=False: never here
+        raise ValueError(f"{file}: cannot be read as a PyTorch weights file (not one, or it pickles Python "
+                         "objects besides tensors, which this project never unpickles)") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, AttributeError, IndexError,
+            TypeError) as e:
+        raise ValueError(f"{file}: cannot be read as a PyTorch weights file (broken or truncated: "
+                         f"{error_line(e)})") from None
     if not isinstance(obj, dict):
         raise ValueError(f"{file}: expected a dict of tensors, found {type(obj).__name__}")
     return obj
