@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 from array import array
 from pathlib import Path
 
@@ -304,11 +305,38 @@ def loads_record(line: bytes | str, where: str):
         except UnicodeDecodeError as e:
             raise DataError(f"{where}: not valid UTF-8 ({e})") from None
     try:
-        return json.loads(line, object_pairs_hook=_unique_keys(where))
+        obj = json.loads(line, object_pairs_hook=_unique_keys(where))
     except json.JSONDecodeError as e:
         raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
     except RecursionError:
         raise DataError(f"{where}: JSON nested too deeply to read") from None
+    bad = lone_surrogate(obj, line)
+    if bad:
+        raise DataError(f"{where}: a string holds the escape {bad}, half of a UTF-16 surrogate pair: not text")
+    return obj
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def lone_surrogate(obj, line: str) -> str | None:
+    """The first \\uD800-\\uDFFF escape of `line` if a string of `obj` kept it unpaired (json.loads accepts
+    it; encoding or tokenising that string fails later). Only lines holding such an escape are walked."""
+    match = _SURROGATE_ESCAPE.search(line)
+    if match is None:
+        return None
+
+    def bad(x):
+        if isinstance(x, str):
+            try:
+                x.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+            return False
+        if isinstance(x, dict):
+            return any(bad(k) or bad(v) for k, v in x.items())
+        return isinstance(x, list) and any(bad(v) for v in x)
+    return match.group(0) if bad(obj) else None
 
 
 def parse_record(line: bytes | str, stage: int, where: str) -> dict:

@@ -96,7 +96,7 @@ import torch
 import torch.nn.functional as F
 
 from clara import LOAD_ERRORS, Clara, build_prompt, error_line, text_prompt
-from data import DataError
+from data import DataError, lone_surrogate
 from topk import topk_select
 
 # ---- metrics ----------------------------------------------------------------------------------------
@@ -320,7 +320,12 @@ def read_eval_file(path: str | Path, limit: int | None = None) -> tuple[list[dic
             n += 1
             where = f"{path}:{lineno}"
             try:
-                obj = json.loads(raw.decode("utf-8"), object_pairs_hook=partial(_unique_keys, where))
+                text = raw.decode("utf-8")
+                obj = json.loads(text, object_pairs_hook=partial(_unique_keys, where))
+                surrogate = lone_surrogate(obj, text)
+                if surrogate:
+                    raise RecordError(where, "not valid text", f" (the escape {surrogate} is half of a UTF-16 "
+                                      "surrogate pair)")
                 records.append(parse_eval_record(obj, where))
             except UnicodeDecodeError as e:
                 bad.append(RecordError(where, "not valid UTF-8", f" ({e})"))

@@ -115,6 +115,12 @@ def _(env):
     return check(env, "deep.jsonl", "[" * 100_000 + "]" * 100_000 + "\n")
 
 
+@case("data-lone-surrogate", "data.py check --stage 2", r'a question holding the escape "\ud800" alone',
+      r"sur.jsonl:1: a string holds the escape \\ud800, half of a UTF-16 surrogate pair")
+def _(env):
+    return check(env, "sur.jsonl", '{"question": "a\\ud800?", "docs": ["d"], "answer": "x"}\n')
+
+
 @case("data-docs-string", "data.py check --stage 2", '"docs": "one string"',
       r"str.jsonl:1: field 'docs': expected a list of documents, found a string")
 def _(env):
@@ -143,6 +149,12 @@ def eval_data(env, path):
 def _(env):
     return eval_data(env, env.file("dup.jsonl", '{"question": "a?", "docs": ["d", "e"], "golden_answers": ["x"], '
                                                 '"golden_answers": ["y"]}\n'))
+
+
+@case("eval-lone-surrogate", "eval.py --data", r'a document holding the escape "\udfff" alone',
+      r"sur.jsonl:1: not valid text \(the escape \\udfff is half of a UTF-16 surrogate pair\)")
+def _(env):
+    return eval_data(env, env.file("sur.jsonl", '{"question": "a?", "docs": ["d\\udfff", "e"], "answer": "x"}\n'))
 
 
 @case("eval-empty-file", "eval.py --data", "an empty file", r"empty.jsonl: no record to evaluate: the file is empty")
