@@ -548,13 +548,27 @@ class Clara(nn.Module):
         into `base/`; an external base (an HF directory) is named by absolute path and pinned by the sha256
         of its weight files. `files_sha256` pins every file of the folder itself; loading checks both.
         """
-        from safetensors.torch import save_file
+        from safetensors import SafetensorError
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
         state = state if state is not None else self.state_to_save()
+        try:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+            self._write_checkpoint(tmp, path, extra, state)
+        except (OSError, SafetensorError) as e:  # a full disk, a read-only folder: the last checkpoint stays
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise OSError(f"{path}: cannot save the checkpoint ({error_line(e)}); the previous one, if any, is "
+                          "untouched") from None
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        replace_dir(tmp, path)
+
+    def _write_checkpoint(self, tmp: Path, path: Path, extra: dict | None, state: dict):
+        """Everything of save_pretrained but the final swap, written into `tmp`."""
+        from safetensors.torch import save_file
         base = str(Path(self.base_path).resolve()) if self.base_path else None
         if any(k.startswith("base.") for k in state):  # a trained base travels inside the checkpoint
             V0 = int(self.mem_ids[0])
@@ -587,7 +601,6 @@ class Clara(nn.Module):
                 **(extra or {}), "base_sha256": base_sha,
                 "files_sha256": {f: file_sha256(tmp / f) for f in files}}
         (tmp / "clara_config.json").write_text(json.dumps(meta, indent=2))
-        replace_dir(tmp, path)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, base_model: str | Path | None = None, dtype=None, device=None,

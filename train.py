@@ -281,13 +281,19 @@ def save_all(clara, opt, a, step, position, rank):
         shutil.rmtree(tmp)
     position = {"step": step, **position}
     if not dist.is_initialized():
+        from safetensors import SafetensorError
         from safetensors.torch import save_file
-        tmp.mkdir(parents=True)
-        tensors, rest = _flatten_resume(sd)
-        save_file(tensors, tmp / "state.safetensors")
-        meta = {"format": RESUME_FORMAT, "world_size": 1, "position": position, **rest,
-                "sha256": {"state.safetensors": file_sha256(tmp / "state.safetensors")}}
-        (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+        try:
+            tmp.mkdir(parents=True)
+            tensors, rest = _flatten_resume(sd)
+            save_file(tensors, tmp / "state.safetensors")
+            meta = {"format": RESUME_FORMAT, "world_size": 1, "position": position, **rest,
+                    "sha256": {"state.safetensors": file_sha256(tmp / "state.safetensors")}}
+            (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+        except (OSError, SafetensorError) as e:  # a full disk: the previous resume state stays
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise OSError(f"{resume}: cannot save the resume state ({e}); the previous one, if any, is "
+                          "untouched") from None
         replace_dir(tmp, resume)
         return
     dist.barrier()

@@ -105,6 +105,26 @@ def test_resume_after_a_kill_inside_the_resume_swap(tmp_path):
     assert not (out / "resume.old").exists()
 
 
+def test_a_full_disk_leaves_the_last_checkpoint(tiny_base, tmp_path, monkeypatch):
+    import safetensors.torch
+    from safetensors import SafetensorError
+    c = make(tiny_base)
+    c.save_pretrained(tmp_path / "ck")
+    before = {k: v.clone() for k, v in c.state_to_save().items()}  # (state_to_save shares the storage)
+
+    def full(*a, **kw):
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
+                              "message: \"No space left on device\" })")
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with torch.no_grad():
+        next(iter(c.model.adapter_parameters("decoder").values())).add_(1)
+    with pytest.raises(OSError, match=r"ck: cannot save the checkpoint \(.*No space left on device.*untouched"):
+        c.save_pretrained(tmp_path / "ck")
+    assert not (tmp_path / "ck.tmp").exists()
+    got = Clara.from_pretrained(tmp_path / "ck").state_to_save()
+    assert all(torch.equal(before[k], got[k]) for k in before)
+
+
 # ---- self-contained folders ---------------------------------------------------------------------------
 
 def test_moved_checkpoints_load_with_the_same_outputs(tiny_base, tmp_path):
