@@ -20,8 +20,9 @@ micro-batches of all ranks), so gradient accumulation and the world size do not 
 Everything the step needs is drawn from (seed, step): data order, paraphrase templates, LoRA dropout; so a
 resumed run ends with exactly the parameters of an uninterrupted one.
 
-Outputs in --out: `checkpoint/` (the CLaRa checkpoint: Clara.from_pretrained, eval.py), `resume/` (sharded
-optimizer + trainable state + data position, torch.distributed.checkpoint), `metrics.jsonl`, and for a
+Outputs in --out: `checkpoint/` (the CLaRa checkpoint: Clara.from_pretrained, eval.py), `resume/` (trainable
+state + optimizer state + data position: safetensors + JSON from one process, torch.distributed.checkpoint's
+sharded format + a manifest of sha256 from several ranks; see save_all), `metrics.jsonl`, and for a
 model built from a preset, `base/` (the base decoder and its tokenizer). Every directory is replaced
 atomically: a crash while saving leaves the previous one intact. metrics.jsonl starts afresh with each run
 (a --resume keeps the lines up to its step).
