@@ -29,8 +29,9 @@ else `content`); the gold answers in `golden_answers`, else `gold_answer`, else 
 (a string or a list of aliases; ALL aliases are kept for scoring); optional `pos_index` (indices of the
 documents that hold the answer). The explicit gold fields come first because in the stage-2 format
 `answer` is a teacher's answer and `gold_answer` the reference. Two kinds of problems:
-  malformed     not JSON, a missing field, documents that are not a list of strings, an empty candidate
-                list, pos_index out of range: an error naming file:line, before the model is loaded
+  malformed     not JSON (or a key given twice, a lone surrogate escape), a missing field, documents that
+                are not a list of strings, an empty candidate list, pos_index out of range: an error
+                naming file:line, before the model is loaded
                 (--skip-malformed skips and reports them instead).
   unscorable    well formed, but this mode cannot score it: no gold answer, or fewer than k documents.
                 Skipped, and reported per data set and mode (count per reason and the first file:line
