@@ -22,11 +22,15 @@ T decoder tokens, L encoder tokens (doc_max_length + 3 + M), H hidden size.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import pickle
 import random
 import re
 import shutil
+import sys
+import zipfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -189,6 +193,11 @@ class Clara(nn.Module):
         if cfg.training_stage == 3:
             model.add_adapter("query", cfg.lora)
         self.loaded_adapters: set[str] = set()  # the adapters from_pretrained read from a checkpoint
+        # The base decoder's weight files, pinned by content hash in every checkpoint saved from this model.
+        # base_carried: the base lives inside the checkpoint it was loaded from (`<ckpt>/base`), so a save
+        # copies it (a checkpoint never points into another checkpoint, which a rerun may replace).
+        self.base_carried = False
+        self.base_sha256: dict[str, str] | None = None  # None: hashed from base_path at the first save
         self.loaded_stage: int | None = None  # the training stage that wrote that checkpoint
         # The <MEMi> input embeddings train in stage 1 (CLARA_SPEC.md §2). Rather than a gradient mask over
         # the whole (V, H) embedding (and AdamW state for all of it), they live in their own (M, H)
@@ -594,18 +603,35 @@ class Clara(nn.Module):
         return {k: v.contiguous().cpu() for k, v in sd.items()}
 
     def save_pretrained(self, path: str | Path, extra: dict | None = None, state: dict | None = None):
-        """Write `clara_config.json` + `clara.safetensors` + `tokenizer.json`, atomically.
+        """Write `clara_config.json` + `clara.safetensors` + `tokenizer.json` (+ `base/`), atomically.
 
-        Everything is written into a temporary sibling directory which then replaces `path` by renames, so a
-        crash mid-save leaves the previous checkpoint intact.
+        Everything is written into a temporary sibling directory which then replaces `path` by renames
+        (replace_dir), so a crash mid-save leaves the previous checkpoint loadable. The folder is
+        self-contained: a base that was trained, or that came from inside another checkpoint, is written
+        into `base/`; an external base (an HF directory) is named by absolute path and pinned by the sha256
+        of its weight files. `files_sha256` pins every file of the folder itself; loading checks both.
         """
-        from safetensors.torch import save_file
+        from safetensors import SafetensorError
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
         state = state if state is not None else self.state_to_save()
+        try:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+            self._write_checkpoint(tmp, path, extra, state)
+        except (OSError, SafetensorError) as e:  # a full disk, a read-only folder: the last checkpoint stays
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise OSError(f"{path}: cannot save the checkpoint ({error_line(e)}); the previous one, if any, is "
+                          "untouched") from None
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        replace_dir(tmp, path)
+
+    def _write_checkpoint(self, tmp: Path, path: Path, extra: dict | None, state: dict):
+        """Everything of save_pretrained but the final swap, written into `tmp`."""
+        from safetensors.torch import save_file
         base = str(Path(self.base_path).resolve()) if self.base_path else None
         if any(k.startswith("base.") for k in state):  # a trained base travels inside the checkpoint
             V0 = int(self.mem_ids[0])
@@ -615,12 +641,29 @@ class Clara(nn.Module):
             Tokenizer.from_pretrained(self.base_path).save(tmp / "base")
             state = {k: v for k, v in state.items() if not k.startswith("base.")}
             base = "base"  # relative: resolved against the checkpoint directory
+            base_sha = weight_hashes(tmp / "base")
+        elif self.base_carried:  # frozen, but inside the checkpoint it came from: copy it, exactly
+            src = Path(self.base_path)
+            (tmp / "base").mkdir()
+            for name in ["config.json", "tokenizer.json", *base_weight_files(src)]:
+                if (src / name).exists():
+                    shutil.copy2(src / name, tmp / "base" / name)
+            base_sha = weight_hashes(tmp / "base")
+            if self.base_sha256 is not None and base_sha != self.base_sha256:
+                raise ValueError(f"{src}: the base decoder's weights changed on disk since this model was loaded "
+                                 f"from it; nothing was saved to {path}")
+            base = "base"
+        else:
+            base_sha = self.base_sha256 if self.base_sha256 is not None else (
+                weight_hashes(Path(self.base_path)) if self.base_path else None)
+        self.base_sha256 = base_sha
         save_file(state, tmp / "clara.safetensors")
         self.tok.save(tmp)
+        files = sorted(str(f.relative_to(tmp)) for f in tmp.rglob("*") if f.is_file())
         meta = {"clara": asdict(self.cfg), "base_model": base, "adapters": sorted(self.model.adapters),
-                **(extra or {})}
+                **(extra or {}), "base_sha256": base_sha,
+                "files_sha256": {f: file_sha256(tmp / f) for f in files}}
         (tmp / "clara_config.json").write_text(json.dumps(meta, indent=2))
-        replace_dir(tmp, path)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, base_model: str | Path | None = None, dtype=None, device=None,
@@ -629,7 +672,7 @@ class Clara(nn.Module):
         adapters.pth). `base_model` overrides where the base decoder is read from (an HF directory, or a
         model preset name for checkpoints trained from a preset). A `compr_rate` that disagrees with the
         checkpoint's is an error, never silently ignored (an official defect)."""
-        path = Path(path)
+        path = complete_dir(Path(path))
         if not path.is_dir():
             raise FileNotFoundError(f"{path}: CLaRa checkpoint directory does not exist")
         if (path / "clara_config.json").exists():
@@ -639,6 +682,101 @@ class Clara(nn.Module):
         raise FileNotFoundError(f"{path}: neither clara_config.json (this project) nor adapters.pth (official release)")
 
 
+# ----------------------------------------------------------------------------------------------------
+# Checkpoint integrity: content hashes, readable errors, the crash-safe directory swap
+
+# Everything Clara.from_pretrained raises for a bad or foreign folder is one of these, with a one-line message
+# that starts with the file it is about (a KeyError's str() adds quotes: print e.args[0]).
+LOAD_ERRORS = (OSError, ValueError, KeyError)
+_HASHES: dict = {}  # (path, size, mtime) -> sha256 of large files: a 14 GB base is hashed once per process
+
+
+def file_sha256(file: Path) -> str:
+    """sha256 of a file's bytes (read in 16 MiB blocks)."""
+    st = file.stat()
+    # Only large files are cached: a small file rewritten within one clock tick keeps its size and mtime.
+    key = (str(Path(file).resolve()), st.st_size, st.st_mtime_ns) if st.st_size >= 1 << 26 else None
+    if key in _HASHES:
+        return _HASHES[key]
+    h = hashlib.sha256()
+    with open(file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    if key is not None:
+        _HASHES[key] = h.hexdigest()
+    return h.hexdigest()
+
+
+def base_weight_files(base: Path) -> list[str]:
+    """The weight files Transformer.from_pretrained reads from an HF directory (what a base hash covers)."""
+    if (base / "model.safetensors").is_file():
+        return ["model.safetensors"]
+    index = base / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: not a valid safetensors index (no 'weight_map' object)")
+        return ["model.safetensors.index.json", *sorted(set(map(str, weight_map.values())))]
+    raise FileNotFoundError(f"{base}: no model.safetensors or model.safetensors.index.json")
+
+
+def weight_hashes(base: Path) -> dict[str, str]:
+    return {f: file_sha256(base / f) for f in base_weight_files(base)}
+
+
+def _read_json(file: Path) -> dict:
+    """A JSON object from a file, or one clear error naming it."""
+    try:
+        obj = json.loads(Path(file).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{file}: missing") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{file}: expected a JSON object, found {type(obj).__name__}")
+    return obj
+
+
+def error_line(e: BaseException) -> str:
+    """The first line of an exception's message (library errors can span lines), without the quotes a
+    KeyError adds: what a command line prints for one of LOAD_ERRORS."""
+    text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    return (text.strip().splitlines() or [type(e).__name__])[0]
+
+
+def _check_hashes(where: Path, recorded, what: str, hint: str):
+    """Every file of `recorded` ({relative name: sha256}) under `where` must still have that content."""
+    if recorded is None:  # a checkpoint written before hashes were recorded
+        return
+    if not isinstance(recorded, dict):
+        raise ValueError(f"{where}: clara_config.json field {what!r} is not an object of file hashes")
+    for name, sha in sorted(recorded.items()):
+        file = where / name
+        if not file.is_file():
+            raise FileNotFoundError(f"{file}: missing ({what} in clara_config.json lists it){hint}")
+        got = file_sha256(file)
+        if got != sha:
+            raise ValueError(f"{file}: content differs from the one this checkpoint was saved with (sha256 "
+                             f"{got[:12]}..., recorded {str(sha)[:12]}...){hint}")
+
+
+def _fault(point: str, path: Path):
+    """Fault injection for the crash tests: CLARA_FAULT=POINT or POINT@NAME (NAME: the directory's name)
+    kills the process right there, as a power cut or kill -9 would."""
+    want = os.environ.get("CLARA_FAULT", "")
+    if want and want.split("@")[0] == point and ("@" not in want or want.split("@", 1)[1] == path.name):
+        os._exit(137)
+
+
+def complete_dir(path: Path) -> Path:
+    """`path`, or `path.old` when a swap was killed between its two renames (replace_dir)."""
+    old = path.with_name(path.name + ".old")
+    if not path.exists() and old.is_dir():
+        print(f"note: {path} is missing (a save was interrupted); using the previous copy {old}", file=sys.stderr)
+        return old
+    return path
+
+
 def _check_rate(cfg: ClaraConfig, compr_rate, path):
     if compr_rate is not None and compr_rate != cfg.compr_rate:
         raise ValueError(f"{path}: checkpoint was trained with compr_rate={cfg.compr_rate}, "
@@ -646,35 +784,73 @@ def _check_rate(cfg: ClaraConfig, compr_rate, path):
 
 
 def _load_native(cls, path, base_model, dtype, device, compr_rate, training_stage):
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
-    meta = json.loads((path / "clara_config.json").read_text())
-    cfg = ClaraConfig.from_dict(meta["clara"], str(path / "clara_config.json"))
+    conf = path / "clara_config.json"
+    meta = _read_json(conf)
+    for key, typ in (("clara", dict), ("adapters", list)):
+        if not isinstance(meta.get(key), typ):
+            raise ValueError(f"{conf}: field {key!r} missing or not {'an object' if typ is dict else 'a list'}")
+    if not all(isinstance(a, str) and a.isidentifier() for a in meta["adapters"]):
+        raise ValueError(f"{conf}: field 'adapters' must list adapter names, found {meta['adapters']!r}")
+    kinds = {int: (int,), float: (int, float), str: (str,)}
+    for f in fields(ClaraConfig):
+        v = meta["clara"].get(f.name)
+        want = kinds.get({"int": int, "float": float, "str": str}.get(str(f.type), object), (object,))
+        if f.name in meta["clara"] and (isinstance(v, bool) or not isinstance(v, want)):
+            raise ValueError(f"{conf}: field 'clara.{f.name}' is {v!r}, expected {f.type}")
+    try:
+        cfg = ClaraConfig.from_dict(meta["clara"], str(conf))
+    except TypeError as e:  # a field of the wrong type fails inside __post_init__'s arithmetic
+        raise ValueError(f"{conf}: field 'clara' holds a value of the wrong type ({e})") from None
     _check_rate(cfg, compr_rate, path)
     saved_stage = cfg.training_stage
     if training_stage is not None:
         cfg.training_stage = training_stage
+    # The folder's own files first: a flipped byte, a truncated file or another run's tokenizer.json.
+    _check_hashes(path, meta.get("files_sha256"), "files_sha256", "; the checkpoint is corrupted or was altered")
     base = base_model or meta.get("base_model")
-    if base == "base":  # the checkpoint carries its own (trained) base
+    if base == "base":  # the checkpoint carries its own base
         base = path / "base"
     if base is None or not Path(str(base)).is_dir():
-        raise FileNotFoundError(f"{path}: base model {base!r} is not a directory; pass base_model=DIR")
+        raise FileNotFoundError(f"{path}: base model {str(base)!r} is not a directory; pass base_model=DIR")
+    base = Path(str(base))
+    base_sha = meta.get("base_sha256")
+    _check_hashes(base, base_sha, "base_sha256", f"; {base} is not the base decoder this checkpoint was trained "
+                  "on (pass base_model=the original)")
     tok = Tokenizer.from_pretrained(path)
     tok.token_id("<MEM0>")  # a checkpoint's tokenizer must carry CLaRa's tokens (clear KeyError otherwise)
-    model = Transformer.from_pretrained(base, dtype=dtype, device=device)
+    try:
+        model = Transformer.from_pretrained(base, dtype=dtype, device=device)
+    except SafetensorError as e:
+        raise ValueError(f"{base}: a weight file cannot be read ({error_line(e)})") from None
     clara = cls(model, tok, cfg, base_path=str(base))
+    clara.base_carried = base == path / "base"
+    clara.base_sha256 = base_sha if isinstance(base_sha, dict) else None
     for a in meta["adapters"]:
         if a not in clara.model.adapters:
             clara.model.add_adapter(a, cfg.lora)
-    sd = load_file(path / "clara.safetensors")
-    _assign_state(clara, sd, path / "clara.safetensors", meta["adapters"])
+    file = path / "clara.safetensors"
+    try:
+        sd = load_file(file)
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{file}: not a readable safetensors file ({error_line(e)})") from None
+    required = ["added_embeddings"] + ([] if clara.model.cfg.tie_embeddings else ["added_lm_head"])
+    _assign_state(clara, sd, file, meta["adapters"], required)
     clara.loaded_stage = saved_stage
     return clara
 
 
-def _assign_state(clara: Clara, sd: dict, where, adapters):
-    """Copy a `state_to_save` dict into the model; every key must match a tensor of the same shape."""
-    clara.loaded_adapters = set(adapters)
+def _assign_state(clara: Clara, sd: dict, where, adapters, required=()):
+    """Copy a `state_to_save` dict into the model: every key must match a tensor of the same shape, and
+    every LoRA tensor of every listed adapter and every `required` tensor must be there."""
+    missing = [k for k in required if k not in sd]
     params = dict(clara.model.named_parameters())
+    missing += [k for k in params if ".lora_" in k and k.rsplit(".", 1)[1] in adapters and k not in sd]
+    if missing:
+        raise KeyError(f"{where}: no tensor {missing[0]!r}" + (f" (and {len(missing) - 1} more missing)"
+                       if len(missing) > 1 else "") + ": a truncated file, or not a checkpoint of this model")
+    clara.loaded_adapters = set(adapters)
     V0 = int(clara.mem_ids[0])
     with torch.no_grad():
         for k, v in sd.items():
@@ -688,12 +864,11 @@ def _assign_state(clara: Clara, sd: dict, where, adapters):
                 raise KeyError(f"{where}: unexpected tensor {k!r}")
             if target.shape != v.shape:
                 raise ValueError(f"{where}: tensor {k!r} has shape {tuple(v.shape)}, expected {tuple(target.shape)}")
+            if not v.is_floating_point():
+                raise ValueError(f"{where}: tensor {k!r} has dtype {v.dtype}, expected floating point")
             target.copy_(v)
             if k == "added_embeddings":  # the first M added rows are the trained <MEMi> embeddings
                 clara.mem_embeddings.copy_(v[:clara.cfg.n_mem])
-    missing = [k for k in params if ".lora_" in k and k.rsplit(".", 1)[1] in adapters and k not in sd]
-    if missing:
-        raise KeyError(f"{where}: no tensor for {missing[:3]}")
 
 
 # The official released folders (CLARA_SPEC.md §8).
@@ -717,29 +892,67 @@ def official_key(key: str, adapter: str) -> str | None:
     return f"layers.{layer}.{OFFICIAL_PROJ[proj]}.{ab}.{adapter}"
 
 
+def _torch_file(file: Path):
+    """An official .pth file: tensors and plain containers only (weights_only=True never runs pickled
+    code); any unreadable file is one clear error naming it."""
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: missing (an official release folder holds adapters.pth and "
+                                "decoder_first_last_layers.pth)")
+    try:
+        obj = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's own text suggests weights_only=False: never here
+        raise ValueError(f"{file}: cannot be read as a PyTorch weights file (not one, or it pickles Python "
+                         "objects besides tensors, which this project never unpickles)") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, AttributeError, IndexError,
+            TypeError) as e:
+        raise ValueError(f"{file}: cannot be read as a PyTorch weights file (broken or truncated: "
+                         f"{error_line(e)})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{file}: expected a dict of tensors, found {type(obj).__name__}")
+    return obj
+
+
 def _load_official(cls, path, base_model, dtype, device, compr_rate):
-    conf = json.loads((path / "config.json").read_text())
+    conf_file = path / "config.json"
+    conf = _read_json(conf_file)
     for key in ("compr_rate", "doc_max_length"):
         if key not in conf:
-            raise KeyError(f"{path / 'config.json'}: missing {key!r}")
+            raise KeyError(f"{conf_file}: missing {key!r}")
     stage = OFFICIAL_STAGE.get(conf.get("training_stage", "stage1"))
     if stage is None:
-        raise ValueError(f"{path / 'config.json'}: unknown training_stage {conf.get('training_stage')!r}")
+        raise ValueError(f"{conf_file}: unknown training_stage {conf.get('training_stage')!r}")
     r = conf.get("lora_r", 16)
-    cfg = ClaraConfig(doc_max_length=conf["doc_max_length"], compr_rate=conf["compr_rate"],
-                      generation_top_k=conf.get("generation_top_k", 5), lora_r=r, lora_alpha=2 * r,
-                      training_stage=stage)
+    try:
+        cfg = ClaraConfig(doc_max_length=conf["doc_max_length"], compr_rate=conf["compr_rate"],
+                          generation_top_k=conf.get("generation_top_k", 5), lora_r=r, lora_alpha=2 * r,
+                          training_stage=stage)
+    except TypeError as e:
+        raise ValueError(f"{conf_file}: a value of the wrong type ({e})") from None
     _check_rate(cfg, compr_rate, path)
     base = base_model or conf.get("decoder_model_name")
     if base is None or not Path(str(base)).is_dir():
         raise FileNotFoundError(f"{path}: base model {base!r} is not a local directory; pass base_model=DIR "
                                 "(this project never downloads)")
+    # Both files are read before the model is built: a bad file fails in seconds, not after a 7B load.
+    adapters = _torch_file(path / "adapters.pth")
+    first_last = _torch_file(path / "decoder_first_last_layers.pth")
+    for off_name, tensors in adapters.items():
+        if off_name in OFFICIAL_ADAPTERS and not (isinstance(tensors, dict) and
+                                                  all(isinstance(v, torch.Tensor) for v in tensors.values())):
+            raise ValueError(f"{path / 'adapters.pth'}: entry {off_name!r} is not a dict of tensors")
+    if not any(a in OFFICIAL_ADAPTERS for a in adapters):
+        raise ValueError(f"{path / 'adapters.pth'}: none of the adapters {sorted(OFFICIAL_ADAPTERS)}; found "
+                         f"{sorted(map(str, adapters))[:5]}")
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        if not isinstance(first_last.get(key), torch.Tensor):
+            raise KeyError(f"{path / 'decoder_first_last_layers.pth'}: no tensor {key!r}")
     tok = Tokenizer.from_pretrained(path if (path / "tokenizer.json").exists() else base)
-    model = Transformer.from_pretrained(base, dtype=dtype, device=device)
+    from safetensors import SafetensorError
+    try:
+        model = Transformer.from_pretrained(base, dtype=dtype, device=device)
+    except SafetensorError as e:
+        raise ValueError(f"{base}: a weight file cannot be read ({error_line(e)})") from None
     clara = cls(model, tok, cfg, base_path=str(base))
-    # weights_only=True: tensors and plain containers only, never arbitrary pickled objects.
-    adapters = torch.load(path / "adapters.pth", map_location="cpu", weights_only=True)
-    first_last = torch.load(path / "decoder_first_last_layers.pth", map_location="cpu", weights_only=True)
     sd = {}
     for off_name, tensors in adapters.items():
         name = OFFICIAL_ADAPTERS.get(off_name)
@@ -752,10 +965,10 @@ def _load_official(cls, path, base_model, dtype, device, compr_rate):
             if ours is not None:
                 sd[ours] = v
     emb, head = first_last["model.embed_tokens.weight"], first_last["lm_head.weight"]
-    V = tok.vocab_size
-    if emb.shape[0] != V or head.shape[0] != V:
-        raise ValueError(f"{path / 'decoder_first_last_layers.pth'}: {emb.shape[0]} embedding rows, the tokenizer "
-                         f"with CLaRa's tokens has {V}")
+    V, H = tok.vocab_size, clara.model.cfg.dim
+    if tuple(emb.shape) != (V, H) or tuple(head.shape) != (V, H):
+        raise ValueError(f"{path / 'decoder_first_last_layers.pth'}: embedding {tuple(emb.shape)} and lm_head "
+                         f"{tuple(head.shape)}, expected ({V}, {H}): {V} tokens with CLaRa's, hidden size {H}")
     with torch.no_grad():  # load both matrices whole: the added rows cannot be recreated
         clara.model.tok_embeddings.weight.copy_(emb)
         if not clara.model.cfg.tie_embeddings:
@@ -767,14 +980,20 @@ def _load_official(cls, path, base_model, dtype, device, compr_rate):
 
 
 def replace_dir(tmp: Path, path: Path):
-    """Swap the finished directory `tmp` in for `path` with renames: at every instant one whole copy exists
-    (`path`, or `path.old` during the swap), so a crash never leaves only a half-written checkpoint."""
+    """Swap the finished directory `tmp` in for `path` with renames, so that a kill at any instant leaves
+    one complete copy: `path`, or `path.old` between the two renames (loading and --resume then read it,
+    see complete_dir). `path.old` is deleted only while `path` exists: the step that would delete the only
+    complete copy (after a killed swap) first moves it back."""
     old = path.with_name(path.name + ".old")
-    if old.exists():
+    if not path.exists() and old.exists():  # a swap was killed between its renames: old is the good copy
+        os.replace(old, path)
+    if old.exists():  # a stale copy (a kill during the clean-up below); `path` is complete
         shutil.rmtree(old)
     if path.exists():
         os.replace(path, old)
+        _fault("after_first_rename", path)  # only `old` (and the finished tmp) exist here
     os.replace(tmp, path)
+    _fault("after_second_rename", path)  # both `path` and `old` exist
     if old.exists():
         shutil.rmtree(old)
 

@@ -554,18 +554,65 @@ def validate_record(obj, stage: int, where: str) -> dict:
     return record
 
 
-def parse_record(line: bytes | str, stage: int, where: str) -> dict:
-    """One JSONL line -> a validated record (see validate_record)."""
+def _unique_keys(where: str):
+    """json object_pairs_hook: a key given twice in one object is an error (json keeps the last silently)."""
+    def hook(pairs):
+        obj = {}
+        for k, v in pairs:
+            if k in obj:
+                raise DataError(f"{where}: duplicate key {k!r} in a JSON object (json.loads would keep only the "
+                                "last value)")
+            obj[k] = v
+        return obj
+    return hook
+
+
+def loads_record(line: bytes | str, where: str):
+    """One JSONL line -> the parsed JSON value: valid UTF-8, valid JSON, no key twice in an object, not
+    nested beyond Python's recursion limit. Raises DataError naming `where` (file:line)."""
     if isinstance(line, bytes):
         try:
             line = line.decode("utf-8")
         except UnicodeDecodeError as e:
             raise DataError(f"{where}: not valid UTF-8 ({e})") from None
     try:
-        obj = json.loads(line)
+        obj = json.loads(line, object_pairs_hook=_unique_keys(where))
     except json.JSONDecodeError as e:
         raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-    return validate_record(obj, stage, where)
+    except RecursionError:
+        raise DataError(f"{where}: JSON nested too deeply to read") from None
+    bad = lone_surrogate(obj, line)
+    if bad:
+        raise DataError(f"{where}: a string holds the escape {bad}, half of a UTF-16 surrogate pair: not text")
+    return obj
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def lone_surrogate(obj, line: str) -> str | None:
+    """The first \\uD800-\\uDFFF escape of `line` if a string of `obj` kept it unpaired (json.loads accepts
+    it; encoding or tokenising that string fails later). Only lines holding such an escape are walked."""
+    match = _SURROGATE_ESCAPE.search(line)
+    if match is None:
+        return None
+
+    def bad(x):
+        if isinstance(x, str):
+            try:
+                x.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+            return False
+        if isinstance(x, dict):
+            return any(bad(k) or bad(v) for k, v in x.items())
+        return isinstance(x, list) and any(bad(v) for v in x)
+    return match.group(0) if bad(obj) else None
+
+
+def parse_record(line: bytes | str, stage: int, where: str) -> dict:
+    """One JSONL line -> a validated record (see loads_record and validate_record)."""
+    return validate_record(loads_record(line, where), stage, where)
 
 
 class JsonlDataset:

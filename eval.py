@@ -29,8 +29,9 @@ else `content`); the gold answers in `golden_answers`, else `gold_answer`, else 
 (a string or a list of aliases; ALL aliases are kept for scoring); optional `pos_index` (indices of the
 documents that hold the answer). The explicit gold fields come first because in the stage-2 format
 `answer` is a teacher's answer and `gold_answer` the reference. Two kinds of problems:
-  malformed     not JSON, a missing field, documents that are not a list of strings, an empty candidate
-                list, pos_index out of range: an error naming file:line, before the model is loaded
+  malformed     not JSON (or a key given twice, a lone surrogate escape), a missing field, documents that
+                are not a list of strings, an empty candidate list, pos_index out of range: an error
+                naming file:line, before the model is loaded
                 (--skip-malformed skips and reports them instead).
   unscorable    well formed, but this mode cannot score it: no gold answer, or fewer than k documents.
                 Skipped, and reported per data set and mode (count per reason and the first file:line
@@ -95,8 +96,8 @@ from typing import Hashable, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
-from clara import Clara, build_prompt, text_prompt
-from data import DataError
+from clara import LOAD_ERRORS, Clara, build_prompt, error_line, text_prompt
+from data import DataError, lone_surrogate
 from topk import topk_select
 
 # ---- metrics ----------------------------------------------------------------------------------------
@@ -292,9 +293,21 @@ def parse_eval_record(obj, where: str) -> dict:
             "pos_index": pos}
 
 
+def _unique_keys(where: str, pairs):
+    """json object_pairs_hook: a key given twice in one object is malformed (json keeps the last silently)."""
+    obj = {}
+    for k, v in pairs:
+        if k in obj:
+            raise RecordError(where, "duplicate key", f" {k!r} in a JSON object (only one value can be right)")
+        obj[k] = v
+    return obj
+
+
 def read_eval_file(path: str | Path, limit: int | None = None) -> tuple[list[dict], list[RecordError]]:
     """Records of one JSONL file (the first `limit` non-blank lines) -> (good records, malformed ones)."""
     path = Path(path)
+    if path.is_dir():
+        raise FileNotFoundError(f"{path}: is a directory, not an evaluation data file (JSONL)")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: evaluation data file not found")
     records, bad = [], []
@@ -308,12 +321,19 @@ def read_eval_file(path: str | Path, limit: int | None = None) -> tuple[list[dic
             n += 1
             where = f"{path}:{lineno}"
             try:
-                obj = json.loads(raw.decode("utf-8"))
+                text = raw.decode("utf-8")
+                obj = json.loads(text, object_pairs_hook=partial(_unique_keys, where))
+                surrogate = lone_surrogate(obj, text)
+                if surrogate:
+                    raise RecordError(where, "not valid text", f" (the escape {surrogate} is half of a UTF-16 "
+                                      "surrogate pair)")
                 records.append(parse_eval_record(obj, where))
             except UnicodeDecodeError as e:
                 bad.append(RecordError(where, "not valid UTF-8", f" ({e})"))
             except json.JSONDecodeError as e:
                 bad.append(RecordError(where, "not valid JSON", f" ({e.msg} at column {e.colno})"))
+            except RecursionError:
+                bad.append(RecordError(where, "not valid JSON", " (nested too deeply to read)"))
             except RecordError as e:
                 bad.append(e)
     return records, bad
@@ -647,8 +667,11 @@ def main(argv=None) -> dict:
     for name, path in zip(names, a.data):
         try:
             records, malformed = read_eval_file(path, a.limit)
-        except FileNotFoundError as e:
-            raise SystemExit(str(e)) from None
+        except OSError as e:  # not found, a directory, unreadable
+            raise SystemExit(str(e) if isinstance(e, FileNotFoundError) else f"{path}: cannot be read ({e})") from None
+        if not records and not malformed:
+            raise SystemExit(f"{path}: no record to evaluate: the file is empty or holds only blank lines "
+                             "(one JSON object per line expected)")
         if malformed and not a.skip_malformed:
             more = f" (and {len(malformed) - 1} more malformed records)" if len(malformed) > 1 else ""
             raise SystemExit(f"bad evaluation data: {malformed[0]}{more}; fix the file, or pass --skip-malformed "
@@ -661,8 +684,8 @@ def main(argv=None) -> dict:
     try:
         clara = Clara.from_pretrained(a.checkpoint, base_model=a.base_model, dtype=dtype, device=device,
                                       compr_rate=a.compr_rate)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        raise SystemExit(f"cannot load the checkpoint: {e}") from None
+    except LOAD_ERRORS as e:  # a bad folder, a corrupted or foreign file: one line naming it, no traceback
+        raise SystemExit(f"cannot load the checkpoint: {error_line(e)}") from None
     clara.eval()
     stage = clara.cfg.training_stage
     modes = list(dict.fromkeys(a.mode or (["retrieval"] if stage == 3 else ["compressed"])))

@@ -20,8 +20,9 @@ micro-batches of all ranks), so gradient accumulation and the world size do not 
 Everything the step needs is drawn from (seed, step): data order, paraphrase templates, LoRA dropout; so a
 resumed run ends with exactly the parameters of an uninterrupted one.
 
-Outputs in --out: `checkpoint/` (the CLaRa checkpoint: Clara.from_pretrained, eval.py), `resume/` (sharded
-optimizer + trainable state + data position, torch.distributed.checkpoint), `metrics.jsonl`, and for a
+Outputs in --out: `checkpoint/` (the CLaRa checkpoint: Clara.from_pretrained, eval.py), `resume/` (trainable
+state + optimizer state + data position: safetensors + JSON from one process, torch.distributed.checkpoint's
+sharded format + a manifest of sha256 from several ranks; see save_all), `metrics.jsonl`, and for a
 model built from a preset, `base/` (the base decoder and its tokenizer). Every directory is replaced
 atomically: a crash while saving leaves the previous one intact. metrics.jsonl starts afresh with each run
 (a --resume keeps the lines up to its step).
@@ -80,7 +81,10 @@ def parse_args(argv=None):
     g.add_argument("--chat-format", default=None, choices=("mistral", "chatml", "llama3"),
                    help="the base model's chat format (default: recognised from its tokenizer_config.json "
                         "chat_template; a checkpoint keeps the one it was trained with)")
-    g.add_argument("--resume", action="store_true", help="continue from OUT/resume exactly where it stopped")
+    g.add_argument("--resume", action="store_true", help="continue from OUT/resume exactly where it stopped. "
+                   "Trust: resume only from a folder your own runs wrote; a one-process resume folder holds no "
+                   "pickle, a multi-rank one is torch.distributed.checkpoint's (its .metadata is a pickle) and is "
+                   "read only after the sha256 of every file matches its manifest.json")
     g = p.add_argument_group("hyper-parameters (default: the official value of the stage; see TINY for presets)")
     for name, typ, hlp in [("lr", float, "peak learning rate"), ("min_lr", float, "final learning rate of the cosine"),
                            ("schedule", str, "cosine (warmup + cosine to min_lr) or constant"),
@@ -236,32 +240,78 @@ def shard(clara: Clara, dtype, device):
     return clara
 
 
-def save_all(clara, opt, a, step, position, rank):
-    """The CLaRa checkpoint (rank 0 writes, all ranks gather) and the resumable state (all ranks write)."""
-    import torch.distributed.checkpoint as dcp
+RESUME_FORMAT = "clara-resume-1"          # one process: state.safetensors + state.json, no pickle anywhere
+RESUME_DCP_FORMAT = "clara-resume-dcp-1"  # several ranks: torch.distributed.checkpoint + manifest.json
+
+
+def _resume_state(clara, opt):
+    """{"model": trainable tensors, "optim": optimizer state}, keyed by parameter name (get_state_dict)."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
+    model_sd, optim_sd = get_state_dict(clara, opt)
+    trainable = {n for n, p in clara.named_parameters() if p.requires_grad}
+    return {"model": {k: v for k, v in model_sd.items() if k in trainable}, "optim": optim_sd}
+
+
+def _flatten_resume(sd: dict) -> tuple[dict, dict]:
+    """The resume state as (tensors for safetensors, everything else for JSON). Keys: "model/NAME" and
+    "optim/NAME/STATE" (parameter names hold dots, never slashes)."""
+    tensors, scalars = {}, {}
+    for k, v in sd["model"].items():
+        tensors[f"model/{k}"] = v.detach().contiguous().cpu()
+    for name, st in sd["optim"]["state"].items():
+        for key, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"optim/{name}/{key}"] = v.detach().contiguous().cpu()
+            else:
+                scalars.setdefault(name, {})[key] = v
+    return tensors, {"param_groups": sd["optim"]["param_groups"], "scalars": scalars}
+
+
+def save_all(clara, opt, a, step, position, rank):
+    """The CLaRa checkpoint (rank 0 writes, all ranks gather) and the resumable state.
+
+    One process writes `resume/state.safetensors` (trainable tensors and optimizer state) and
+    `resume/state.json` (data position, param groups, their sha256): nothing a reader unpickles. Several
+    ranks write torch.distributed.checkpoint's sharded format (its `.metadata` is a pickle) and rank 0 adds
+    `manifest.json` with the sha256 of every file, which load_resume checks before reading anything.
+    """
+    import torch.distributed.checkpoint as dcp
+    from clara import file_sha256
     extra = {"step": step, "stage": a.stage}
     state = clara.state_to_save()  # a collective under FSDP: every rank
     if rank == 0:
         clara.save_pretrained(a.out / "checkpoint", extra=extra, state=state)
-    model_sd, optim_sd = get_state_dict(clara, opt)
-    trainable = {n for n, p in clara.named_parameters() if p.requires_grad}
-    sd = {"model": {k: v for k, v in model_sd.items() if k in trainable}, "optim": optim_sd}
+    sd = _resume_state(clara, opt)
     resume, tmp = a.out / "resume", a.out / "resume.tmp"
     if rank == 0 and tmp.exists():
         shutil.rmtree(tmp)
-    if dist.is_initialized():
-        dist.barrier()
-    with warnings.catch_warnings():  # one process: DCP warns that it assumes a single-process save
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save(sd, checkpoint_id=str(tmp))
-    if dist.is_initialized():
-        dist.barrier()
-    if rank == 0:
-        (tmp / "position.json").write_text(json.dumps({"step": step, **position}))
+    position = {"step": step, **position}
+    if not dist.is_initialized():
+        from safetensors import SafetensorError
+        from safetensors.torch import save_file
+        try:
+            tmp.mkdir(parents=True)
+            tensors, rest = _flatten_resume(sd)
+            save_file(tensors, tmp / "state.safetensors")
+            meta = {"format": RESUME_FORMAT, "world_size": 1, "position": position, **rest,
+                    "sha256": {"state.safetensors": file_sha256(tmp / "state.safetensors")}}
+            (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+        except (OSError, SafetensorError) as e:  # a full disk: the previous resume state stays
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise OSError(f"{resume}: cannot save the resume state ({e}); the previous one, if any, is "
+                          "untouched") from None
         replace_dir(tmp, resume)
-    if dist.is_initialized():
-        dist.barrier()
+        return
+    dist.barrier()
+    dcp.save(sd, checkpoint_id=str(tmp))
+    dist.barrier()
+    if rank == 0:
+        files = sorted(str(f.relative_to(tmp)) for f in tmp.rglob("*") if f.is_file())
+        manifest = {"format": RESUME_DCP_FORMAT, "world_size": dist.get_world_size(), "position": position,
+                    "sha256": {f: file_sha256(tmp / f) for f in files}}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        replace_dir(tmp, resume)
+    dist.barrier()
 
 
 def open_metrics(path: Path, resumed_step: int | None):
@@ -286,21 +336,95 @@ def check_warmup(records: list[dict], a) -> list[dict]:
     return records
 
 
-def load_resume(clara, opt, a):
+def _resume_meta(resume: Path, name: str, fmt: str) -> dict:
+    """state.json / manifest.json: a JSON object of format `fmt` whose every listed file (and, for the
+    sharded format, no other file) has its recorded sha256."""
+    from clara import file_sha256
+    file = resume / name
+    try:
+        meta = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise SystemExit(f"--resume: {file}: cannot be read ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != fmt or not isinstance(meta.get("sha256"), dict) \
+            or not isinstance(meta.get("position"), dict) or not isinstance(meta["position"].get("step"), int):
+        raise SystemExit(f"--resume: {file}: not a resume file of this project (expected format {fmt!r} with "
+                         "sha256 and position)")
+    present = {str(f.relative_to(resume)) for f in resume.rglob("*") if f.is_file()} - {name}
+    listed = set(map(str, meta["sha256"]))
+    if fmt == RESUME_DCP_FORMAT and present != listed:
+        raise SystemExit(f"--resume: {resume}: files {sorted(present ^ listed)[:3]} are not those its manifest.json "
+                         "lists; refusing to read a folder this project did not write")
+    for f in sorted(listed):
+        if not (resume / f).is_file() or file_sha256(resume / f) != meta["sha256"][f]:
+            raise SystemExit(f"--resume: {resume / f}: missing or altered since it was saved (sha256 differs from "
+                             f"{name}); refusing to resume from it")
+    return meta
+
+
+def load_resume(clara, opt, a) -> dict:
+    """Restore the trainable tensors and the optimizer state written by save_all; returns the data position.
+
+    Trust boundary: only a folder this project wrote is read. The one-process format holds no pickle
+    (safetensors + JSON). The sharded format is read by torch.distributed.checkpoint, whose `.metadata`
+    is a pickle: it is read only after manifest.json's hashes match every file, which proves the folder
+    is complete and unaltered since that manifest was written, not who wrote it: resume only from your own
+    runs' folders. Every problem is one line (SystemExit) naming the file.
+    """
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict, StateDictOptions
-    resume = a.out / "resume"
-    if not (resume / "position.json").exists():
-        raise FileNotFoundError(f"--resume: {resume} holds no resumable state (position.json missing)")
-    model_sd, optim_sd = get_state_dict(clara, opt)
-    trainable = {n for n, p in clara.named_parameters() if p.requires_grad}
-    sd = {"model": {k: v for k, v in model_sd.items() if k in trainable}, "optim": optim_sd}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(sd, checkpoint_id=str(resume))
+    from torch.distributed.checkpoint.state_dict import set_state_dict, StateDictOptions
+    from clara import complete_dir
+    resume = complete_dir(a.out / "resume")
+    if not resume.is_dir():
+        raise SystemExit(f"--resume: {resume} does not exist: nothing to resume (a run saves it every "
+                         "--save-every steps and at its end; start without --resume)")
+    sd = _resume_state(clara, opt)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if (resume / "state.json").exists():
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        meta = _resume_meta(resume, "state.json", RESUME_FORMAT)
+        if world != 1:
+            raise SystemExit(f"--resume: {resume} was written by one process; resume it with one process "
+                             f"(this run has {world} ranks)")
+        try:
+            tensors = load_file(resume / "state.safetensors")
+        except (SafetensorError, OSError) as e:
+            raise SystemExit(f"--resume: {resume / 'state.safetensors'}: cannot be read ({e})") from None
+        want, _ = _flatten_resume(sd)
+        missing, unexpected = sorted(set(want) - set(tensors)), sorted(set(tensors) - set(want))
+        if missing or unexpected:
+            raise SystemExit(f"--resume: {resume / 'state.safetensors'} holds the state of other trainable parameters "
+                             f"(missing {missing[:2]}, unexpected {unexpected[:2]}): resume with the flags of the run "
+                             "that wrote it (--stage, --init, --train-base, --retrieval-warmup)")
+        for k, v in want.items():
+            if tensors[k].shape != v.shape or tensors[k].dtype != v.dtype:
+                raise SystemExit(f"--resume: {resume / 'state.safetensors'}: tensor {k!r} is {tuple(tensors[k].shape)} "
+                                 f"{tensors[k].dtype}, this run has {tuple(v.shape)} {v.dtype}: resume with the flags "
+                                 "of the run that wrote it")
+        groups = meta.get("param_groups")
+        if not isinstance(groups, list) or len(groups) != len(sd["optim"]["param_groups"]) or any(
+                not isinstance(g, dict) or g.get("params") != h["params"]
+                for g, h in zip(groups, sd["optim"]["param_groups"])):
+            raise SystemExit(f"--resume: {resume / 'state.json'}: its optimizer parameter groups are not this run's")
+        state = {}
+        for name in sd["optim"]["state"]:
+            state[name] = dict(meta.get("scalars", {}).get(name, {}))
+            for k in want:
+                if k.startswith(f"optim/{name}/"):
+                    state[name][k[len(f"optim/{name}/"):]] = tensors[k]
+        sd = {"model": {k: tensors[f"model/{k}"] for k in sd["model"]},
+              "optim": {"state": state, "param_groups": groups}}
+    elif (resume / "manifest.json").exists():
+        meta = _resume_meta(resume, "manifest.json", RESUME_DCP_FORMAT)  # every hash checked BEFORE dcp.load
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(sd, checkpoint_id=str(resume))
+    else:
+        raise SystemExit(f"--resume: {resume} holds neither state.json nor manifest.json: not a resume folder of "
+                         "this project; refusing to read it (torch.distributed.checkpoint's .metadata is a pickle)")
     set_state_dict(clara, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"],
                    options=StateDictOptions(strict=False))
-    return json.loads((resume / "position.json").read_text())
+    return meta["position"]
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -421,9 +421,15 @@ def test_bad_inputs(tiny_base, tmp_path):
     big.add_special_tokens([f"<x{i}>" for i in range(1000)])
     with pytest.raises(ValueError, match="embedding has only"):
         Clara(Transformer.from_pretrained(tiny_base), big, ClaraConfig(**CFG))
-    # a checkpoint whose tokenizer lacks CLaRa's tokens
+    # a checkpoint whose tokenizer was replaced: its content hash differs from the one saved
     c.save_pretrained(tmp_path / "ck")
     Tokenizer.from_pretrained(tiny_base).save(tmp_path / "ck")
+    with pytest.raises(ValueError, match=r"tokenizer.json: content differs"):
+        Clara.from_pretrained(tmp_path / "ck")
+    # ... and without the recorded hashes (an older checkpoint), the missing CLaRa tokens are named
+    meta = json.loads((tmp_path / "ck" / "clara_config.json").read_text())
+    del meta["files_sha256"]
+    (tmp_path / "ck" / "clara_config.json").write_text(json.dumps(meta))
     with pytest.raises(KeyError, match="no token '<MEM0>'"):
         Clara.from_pretrained(tmp_path / "ck")
     with pytest.raises(FileNotFoundError, match="neither clara_config.json"):

@@ -203,6 +203,12 @@ def test_torchrun_two_ranks_equals_one_process(tmp_path):
            str(ROOT / "train.py"), *args, "--out", str(two)]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
+    # several ranks: torch.distributed.checkpoint's sharded state, every file pinned by the manifest
+    manifest = json.loads((two / "resume" / "manifest.json").read_text())
+    assert manifest["world_size"] == 2 and manifest["position"]["step"] == 3
+    assert set(manifest["sha256"]) == {str(f.relative_to(two / "resume")) for f in (two / "resume").rglob("*")
+                                       if f.is_file() and f.name != "manifest.json"}
+    assert ".metadata" in manifest["sha256"]
     l1 = [json.loads(x)["loss"] for x in open(one / "metrics.jsonl")]
     l2 = [json.loads(x)["loss"] for x in open(two / "metrics.jsonl")]
     assert l2 == pytest.approx(l1, rel=1e-4, abs=1e-4)
