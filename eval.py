@@ -95,7 +95,7 @@ from typing import Hashable, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
-from clara import Clara, build_prompt, text_prompt
+from clara import Clara, build_prompt, checkpoint_dir, text_prompt
 from data import DataError
 from topk import topk_select
 
@@ -659,6 +659,7 @@ def main(argv=None) -> dict:
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, a.dtype) if a.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     try:
+        a.checkpoint = str(checkpoint_dir(a.checkpoint))  # a train.py run folder means its checkpoint/
         clara = Clara.from_pretrained(a.checkpoint, base_model=a.base_model, dtype=dtype, device=device,
                                       compr_rate=a.compr_rate)
     except (FileNotFoundError, ValueError, KeyError) as e:
