@@ -689,6 +689,7 @@ def pretrain_base(a, device, dtype):
     n_params = sum(p.numel() for p in model.parameters())
     print0(f"stage 0: {len(rows)} texts, {total} steps of {a.global_batch}, {n_params:,} parameters, "
            f"vocabulary {tok.vocab_size}, device {device}, {dtype}")
+    a.out.mkdir(parents=True, exist_ok=True)
     log = open_metrics(a.out, None)
     for step in range(total):
         t0 = time.perf_counter()
@@ -785,8 +786,7 @@ def main(argv=None):
     a = parse_args(argv)
     a.run_record = run_record(a, argv)
     distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
-    if a.stage != 0:
-        check_data(a)
+    check_data(a)
     check_out(a)
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if distributed:
@@ -803,7 +803,6 @@ def main(argv=None):
                          f"x world size {world}")
     accum = a.global_batch // (a.micro_batch * world)
     if a.stage == 0:
-        a.out.mkdir(parents=True, exist_ok=True)
         return pretrain_base(a, device, dtype)
 
     dataset = JsonlDataset(a.data, a.stage)

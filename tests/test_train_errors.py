@@ -69,7 +69,7 @@ BAD_FLAGS = [
     (["--micro-batch", "0"], "--micro-batch 0"),
     (["--global-batch", "6", "--micro-batch", "4"], "--global-batch 6 is not a multiple of --micro-batch 4"),
     (["--lr", "0"], "--lr 0.0"),
-    (["--lr", "-1e-4"], "--lr -0.0001"),
+    (["--lr", "-0.0001"], "--lr -0.0001"),
     (["--lr", "nan"], "--lr nan"),
     (["--lr", "inf"], "--lr inf"),
     (["--lr", "abc"], "--lr: invalid float value"),
@@ -96,7 +96,7 @@ BAD_FLAGS = [
     (["--base-model", "{tmp}"], "--base-model overrides the base of an --init checkpoint"),
     (["--stage", "2", "--init", "{tmp}/nope"], "--init {tmp}/nope: CLaRa checkpoint directory does not exist"),
     (["--stage", "2", "--init", "{tmp}"], "not a CLaRa checkpoint"),
-    (["--stage", "0", "--data", "{tmp}/missing.txt"], "{tmp}/missing.txt: stage-0 text file not found"),
+    (["--stage", "0", "--data", "{tmp}/missing.txt"], "--data {tmp}/missing.txt: no such file"),
 ]
 
 
