@@ -774,10 +774,10 @@ def check_batch(micro: dict, records: list[dict], clara: Clara, a):
 
 
 def params_finite(params, distributed: bool) -> bool:
+    """Every parameter finite, on every rank (each checks its shards); one device sync per step."""
     local = lambda p: p.to_local() if hasattr(p, "to_local") else p
-    ok = torch.tensor(float(all(bool(torch.isfinite(local(p)).all()) for p in params)))
+    ok = torch.stack([torch.isfinite(local(p)).all() for p in params]).all().float()
     if distributed:
-        ok = ok.to(params[0].device)
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     return bool(ok.item())
 
