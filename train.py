@@ -249,6 +249,11 @@ def comparable(k: str, v):
         return v
     if k == "model" and v in PRESETS:
         return v
+    if k == "init":  # a run folder and its checkpoint/ are the same --init
+        try:
+            v = checkpoint_dir(v)
+        except FileNotFoundError:
+            pass
     return [str(Path(x).resolve()) for x in v] if k == "data" else str(Path(v).resolve())
 
 
@@ -560,6 +565,15 @@ MARKERS = {"checkpoint": "clara_config.json", "checkpoint.old": "clara_config.js
            "base.old": "config.json", "resume": "position.json", "resume.old": "position.json"}
 
 
+def metrics_lines(path: Path) -> bool:
+    """Whether a file reads as our metrics.jsonl: JSON objects with a "step", one a line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return all(isinstance(r := json.loads(line), dict) and "step" in r for line in f if line.strip())
+    except (OSError, ValueError):
+        return False
+
+
 def check_out(a):
     """Refuse an --out that this project did not write (before anything is written into it)."""
     out = a.out
@@ -571,6 +585,8 @@ def check_out(a):
     foreign = [n for n in names if n not in OURS]
     if not (out / "run.json").is_file():  # no record of a run: each of our names must look like ours
         foreign += [n for n in names if n in MARKERS and not (out / n / MARKERS[n]).is_file()]
+        if "metrics.jsonl" in names and not metrics_lines(out / "metrics.jsonl"):
+            foreign.append("metrics.jsonl")
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise UsageError(f"--out {out} holds files this project did not write ({shown}); nothing was changed: "

@@ -253,11 +253,11 @@ def test_a_users_folder_is_refused_and_left_alone(tmp_path, capsys):
     line = error_line(err)
     assert rc == 2 and "holds files this project did not write" in line and "thesis.tex" in line, line
     assert tree(out) == before
-    # only its own names: a checkpoint/ that is not one of ours is refused too
+    # only names of ours: a checkpoint/ and a metrics.jsonl that are not ours are refused too
     (out / "thesis.tex").unlink()
     before = tree(out)
     rc, err = cli(capsys, "--stage", "1", "--out", out, *FAST, "--max-steps", "1")
-    assert rc == 2 and "(checkpoint)" in error_line(err) and tree(out) == before
+    assert rc == 2 and "(checkpoint, metrics.jsonl)" in error_line(err) and tree(out) == before
 
 
 def test_overwrite_writes_beside_the_users_files(s1, tmp_path, capsys):
