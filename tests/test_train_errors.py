@@ -111,6 +111,32 @@ def test_bad_flag_is_one_line_and_exit_2(tmp_path, capsys, extra, message):
     assert not out.exists()  # nothing written, not even the folder
 
 
+def bad_input_table(tmp_path, capsys) -> str:
+    """docs/train_errors.md: what train.py answers to each bad flag of BAD_FLAGS, as run here."""
+    rows = ["# What train.py says to a bad flag", "",
+            "Produced by tests/test_train_errors.py (`CLARA_WRITE_DOCS=1` rewrites it; the test fails when it is "
+            "stale). Every answer is this one line on stderr and exit 2; `--out` is not created.", "",
+            "| flags | exit | stderr |", "|---|---|---|"]
+    for i, (extra, _) in enumerate(BAD_FLAGS):
+        tmp = tmp_path / str(i)
+        tmp.mkdir()
+        argv = [x.replace("{tmp}", str(tmp)) for x in extra]
+        rc, err = cli(capsys, *(["--stage", "1"] if "--stage" not in extra else []), "--out", tmp / "out", *argv)
+        line = error_line(err).replace(str(tmp), "TMP")
+        rows.append(f"| `{' '.join(extra).replace('{tmp}', 'TMP')}` | {rc} | `{line}` |")
+    return "\n".join(rows) + "\n"
+
+
+def test_bad_flag_table_in_docs_is_current(tmp_path, capsys):
+    import os
+    table, doc = bad_input_table(tmp_path, capsys), ROOT / "docs" / "train_errors.md"
+    if os.environ.get("CLARA_WRITE_DOCS") == "1":
+        doc.write_text(table)
+    # argparse words its own messages a little differently across Python versions: not compared
+    same = lambda text: re.sub(r"\(choose from [^)]*\)", "(choose from ...)", text)
+    assert same(doc.read_text()) == same(table), "docs/train_errors.md is stale: rerun this test with CLARA_WRITE_DOCS=1"
+
+
 def test_broken_model_and_init_folders(s1, tmp_path, capsys):
     """A broken --model / --init folder: one line naming it, exit 2, for every way tried here."""
     def broken(name, src, damage):
