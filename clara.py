@@ -777,6 +777,23 @@ def complete_dir(path: Path) -> Path:
     return path
 
 
+def checkpoint_dir(path: str | Path) -> Path:
+    """The checkpoint folder a user means by `path`: the folder itself when it holds a checkpoint (ours or an
+    official release), or the `checkpoint/` of a train.py run folder (`out/stage1` for `out/stage1/checkpoint`,
+    the likeliest slip). Anything else is a FileNotFoundError that names what is there and what to pass."""
+    path = Path(path)
+    is_ckpt = lambda p: (p / "clara_config.json").is_file() or (p / "adapters.pth").is_file()
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: CLaRa checkpoint directory does not exist")
+    if is_ckpt(path):
+        return path
+    if is_ckpt(path / "checkpoint"):  # a run folder holds exactly one checkpoint, under this name
+        return path / "checkpoint"
+    raise FileNotFoundError(f"{path}: not a CLaRa checkpoint: neither clara_config.json (this project) nor "
+                            "adapters.pth (official release), and no checkpoint/ holding one (pass the "
+                            "checkpoint folder, e.g. OUT/checkpoint of a train.py run)")
+
+
 def _check_rate(cfg: ClaraConfig, compr_rate, path):
     if compr_rate is not None and compr_rate != cfg.compr_rate:
         raise ValueError(f"{path}: checkpoint was trained with compr_rate={cfg.compr_rate}, "

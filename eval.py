@@ -96,7 +96,7 @@ from typing import Hashable, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
-from clara import LOAD_ERRORS, Clara, build_prompt, error_line, text_prompt
+from clara import LOAD_ERRORS, Clara, build_prompt, checkpoint_dir, error_line, text_prompt
 from data import DataError, lone_surrogate
 from topk import topk_select
 
@@ -682,6 +682,7 @@ def main(argv=None) -> dict:
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, a.dtype) if a.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     try:
+        a.checkpoint = str(checkpoint_dir(a.checkpoint))  # a train.py run folder means its checkpoint/
         clara = Clara.from_pretrained(a.checkpoint, base_model=a.base_model, dtype=dtype, device=device,
                                       compr_rate=a.compr_rate)
     except LOAD_ERRORS as e:  # a bad folder, a corrupted or foreign file: one line naming it, no traceback

@@ -22,10 +22,16 @@ resumed run ends with exactly the parameters of an uninterrupted one.
 
 Outputs in --out: `checkpoint/` (the CLaRa checkpoint: Clara.from_pretrained, eval.py), `resume/` (trainable
 state + optimizer state + data position: safetensors + JSON from one process, torch.distributed.checkpoint's
-sharded format + a manifest of sha256 from several ranks; see save_all), `metrics.jsonl`, and for a
-model built from a preset, `base/` (the base decoder and its tokenizer). Every directory is replaced
-atomically: a crash while saving leaves the previous one intact. metrics.jsonl starts afresh with each run
-(a --resume keeps the lines up to its step).
+sharded format + a manifest of sha256 from several ranks; see save_all), `metrics.jsonl`, `run.json` (the
+flags the run computes with: --resume restores them and refuses a change), and for a model built from a
+preset, `base/` (the base decoder and its tokenizer). Every directory is replaced atomically: a crash while
+saving leaves the previous one intact. metrics.jsonl is the curve of the checkpoint beside it: a fresh run
+replaces it at its first save (a --resume keeps the lines up to its step). An --out holding files this
+project did not write is refused unless --overwrite.
+
+Expected errors (a bad flag, file, folder or record, non-finite weights, a full disk) end the command line
+with one line `train.py: error: ...` and exit 2, before anything in --out is changed or with what was saved
+before intact.
 """
 from __future__ import annotations
 
@@ -43,9 +49,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from clara import PROMPT_TEXTS, Clara, ClaraConfig, replace_dir, text_prompt
+from clara import PROMPT_TEXTS, Clara, ClaraConfig, checkpoint_dir, complete_dir, replace_dir, text_prompt
 from data import DataError, JsonlDataset, Tokenizer, batches, left_pad, train_tokenizer, validate_record
-from model import ModelConfig, PRESETS, Transformer
+from model import LoRAConfig, ModelConfig, PRESETS, Transformer
 
 ROOT = Path(__file__).resolve().parent
 
@@ -66,26 +72,51 @@ TINY = dict(lr=2e-3, min_lr=2e-4, warmup=0.05, global_batch=8, micro_batch=4, ma
             compr_rate=8, top_k=2, epochs=10, lora_r=16, lora_alpha=32)
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+class UsageError(SystemExit):
+    """An expected error (a bad flag, file, folder or record, a full disk): at the command line one line
+    `train.py: error: <message>` and exit 2, no traceback. A SystemExit, so that no `except Exception` on the
+    way swallows it and Python called from code still stops with the message; real bugs keep their tracebacks."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own errors (a bad type, a missing --stage): one line, like ours
+        raise UsageError(message)
+
+
+def make_parser() -> Parser:
+    p = Parser(prog="train.py", description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("what to train")
     g.add_argument("--stage", type=int, choices=(0, 1, 2, 3), required=True,
                    help="1 compression pretraining, 2 instruction tuning, 3 end-to-end retrieval + generation; "
                         "0 (not CLaRa) plain language-model pretraining of the base decoder on text")
-    g.add_argument("--model", default="tiny", help=f"HF model directory (Mistral/Llama) or a preset: {sorted(PRESETS)}")
+    g.add_argument("--model", default="tiny", help=f"HF model directory (Mistral/Llama) or a preset: {sorted(PRESETS)}; "
+                   "a fresh run's base (with --init the base is the checkpoint's)")
     g.add_argument("--data", nargs="+", default=None, help="JSONL file(s) in the official format of the stage "
                    "(default: data/sample/stage{N}.jsonl); stage 0 (required): text files, one text per line, "
                    "or .jsonl files of {\"text\": ...} or of CLaRa records, read as raw-text QA (read_texts)")
-    g.add_argument("--out", default=None, help="output directory (default: out/stage{N})")
-    g.add_argument("--init", default=None, help="previous stage's checkpoint (stage 2 from 1, stage 3 from 2)")
+    g.add_argument("--out", default=None, help="output directory (default: out/stage{N}); a folder holding files "
+                   "this project did not write is refused (see --overwrite)")
+    g.add_argument("--overwrite", action="store_true", help="write into an --out that holds other files: they are "
+                   "kept, only this project's names (checkpoint/, resume/, base/, metrics.jsonl, run.json) are replaced")
+    g.add_argument("--init", default=None, help="previous stage's checkpoint (stage 2 from 1, stage 3 from 2), or "
+                   "the run folder holding it; its base, LoRA rank, document length and compression rate carry over")
+    g.add_argument("--base-model", default=None, help="with --init: the base decoder directory, overriding the one "
+                   "the checkpoint names (an official release names a hub model; this project never downloads)")
     g.add_argument("--chat-format", default=None, choices=("mistral", "chatml", "llama3"),
                    help="the base model's chat format (default: recognised from its tokenizer_config.json "
                         "chat_template; a checkpoint keeps the one it was trained with)")
-    g.add_argument("--resume", action="store_true", help="continue from OUT/resume exactly where it stopped. "
-                   "Trust: resume only from a folder your own runs wrote; a one-process resume folder holds no "
-                   "pickle, a multi-rank one is torch.distributed.checkpoint's (its .metadata is a pickle) and is "
-                   "read only after the sha256 of every file matches its manifest.json")
-    g = p.add_argument_group("hyper-parameters (default: the official value of the stage; see TINY for presets)")
+    g.add_argument("--resume", action="store_true", help="continue from OUT/resume exactly where it stopped, with "
+                   "the flags recorded in OUT/run.json (a flag that would change the result is refused). Trust: "
+                   "resume only from a folder your own runs wrote; a one-process resume folder holds no pickle, a "
+                   "multi-rank one is torch.distributed.checkpoint's (its .metadata is a pickle) and is read only "
+                   "after the sha256 of every file matches its manifest.json")
+    g = p.add_argument_group("hyper-parameters (default: the official value of the stage, or TINY for a preset "
+                             "model and the checkpoints trained from one; with --init, LoRA and document shape "
+                             "from the checkpoint)")
     for name, typ, hlp in [("lr", float, "peak learning rate"), ("min_lr", float, "final learning rate of the cosine"),
                            ("schedule", str, "cosine (warmup + cosine to min_lr) or constant"),
                            ("warmup", float, "warmup as a fraction of the total steps"),
@@ -100,7 +131,8 @@ def parse_args(argv=None):
                            ("mse_weight", float, "weight of the compression alignment loss"),
                            ("lora_r", int, "LoRA rank"), ("lora_alpha", float, "LoRA alpha (scale alpha / r)"),
                            ("lora_dropout", float, "dropout on the LoRA input")]:
-        g.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=hlp)
+        g.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=hlp,
+                       **({"choices": ("cosine", "constant")} if name == "schedule" else {}))
     g.add_argument("--candidates", type=int, default=None, help="stage 3: required number of candidates per question "
                    "(default: whatever the data holds, equal within a batch)")
     g.add_argument("--retrieval-warmup", action="store_true",
@@ -131,24 +163,186 @@ def parse_args(argv=None):
     g.add_argument("--tie-embeddings", type=int, choices=(0, 1), default=0, help="preset models: the output "
                    "layer shares the input embedding (a tiny model then learns to copy a word from its context "
                    "in a few hundred steps; untied, it had not after 300)")
+    return p
+
+
+# Flags a --resume may change: they decide where and how often things are written or how the work is
+# scheduled, never what is computed (restored when not given). Every other recorded flag must stay as the
+# run started. NOT_RESTORED: this invocation's own (a --stop-after 3 run resumed without it runs to the end).
+RESUME_MAY_CHANGE = {"resume", "stop_after", "save_every", "log_every", "device", "activation_checkpointing",
+                     "check_limit", "out", "overwrite"}
+NOT_RESTORED = {"resume", "stop_after", "out", "overwrite"}
+# Numeric flags and what they must be; checked on the resolved values, so a preset's value passes too.
+POSITIVE_INT = ("global_batch", "micro_batch", "max_len", "doc_len", "compr_rate", "top_k", "epochs", "lora_r",
+                "max_steps", "stop_after", "log_every", "candidates", "vocab_size")
+NON_NEGATIVE_INT = ("save_every", "check_limit", "seed")
+POSITIVE_FLOAT = ("lr", "tau", "lora_alpha", "grad_clip")
+NON_NEGATIVE_FLOAT = ("min_lr", "mse_weight", "weight_decay")
+UNIT_FLOAT = ("warmup", "lora_dropout")  # in [0, 1)
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_numbers(a):
+    """Every numeric flag in its range, one message naming the flag (never a traceback or a silent default)."""
+    for k in POSITIVE_INT + NON_NEGATIVE_INT:
+        v = getattr(a, k)
+        if v is not None and (v < 1 if k in POSITIVE_INT else v < 0):
+            raise UsageError(f"{flag(k)} {v}: must be {'> 0' if k in POSITIVE_INT else '>= 0'}")
+    for k in POSITIVE_FLOAT + NON_NEGATIVE_FLOAT + UNIT_FLOAT:
+        v = getattr(a, k)
+        ok = math.isfinite(v) and (v > 0 if k in POSITIVE_FLOAT else 0 <= v < 1 if k in UNIT_FLOAT else v >= 0)
+        if not ok:
+            want = "> 0" if k in POSITIVE_FLOAT else "in [0, 1)" if k in UNIT_FLOAT else ">= 0"
+            raise UsageError(f"{flag(k)} {v}: must be a finite number {want}")
+    if a.global_batch % a.micro_batch:
+        raise UsageError(f"--global-batch {a.global_batch} is not a multiple of --micro-batch {a.micro_batch}")
+    if a.doc_len < a.compr_rate:
+        raise UsageError(f"--doc-len {a.doc_len} / --compr-rate {a.compr_rate} leaves no memory token")
+
+
+def read_checkpoint_info(path: str) -> tuple[Path, dict]:
+    """What a run from --init inherits, read from the checkpoint's config without loading any tensor:
+    {"lora_r", "lora_alpha", "lora_dropout", "doc_len", "compr_rate", "defaults"}; "defaults" is "tiny" for
+    a checkpoint trained from a preset model (its hyper-parameter family carries over), else "official"."""
+    try:
+        ck = checkpoint_dir(path)
+    except FileNotFoundError as e:
+        raise UsageError(f"--init {e}") from None
+    if ck != Path(path):
+        print0(f"--init {path}: a run folder; using its checkpoint {ck}")
+    native = (ck / "clara_config.json").is_file()
+    cfg_file = ck / ("clara_config.json" if native else "config.json")
+    try:
+        meta = json.loads(cfg_file.read_text(encoding="utf-8"))
+        if native:
+            c = meta["clara"]
+            # a checkpoint written before "defaults" was recorded: one that carries its own trained base was
+            # trained from a preset (the only models whose base trains by default)
+            family = meta.get("defaults") or ("tiny" if meta.get("base_model") == "base" else "official")
+            info = dict(lora_r=c["lora_r"], lora_alpha=c["lora_alpha"], lora_dropout=c["lora_dropout"],
+                        doc_len=c["doc_max_length"], compr_rate=c["compr_rate"], defaults=family)
+        else:  # an official release folder (clara._load_official: alpha = 2r, dropout the config's default)
+            r = meta.get("lora_r", 16)
+            info = dict(lora_r=r, lora_alpha=2 * r, lora_dropout=ClaraConfig.lora_dropout,
+                        doc_len=meta["doc_max_length"], compr_rate=meta["compr_rate"], defaults="official")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"--init {cfg_file}: cannot read it ({e})") from None
+    except json.JSONDecodeError as e:
+        raise UsageError(f"--init {cfg_file}: not valid JSON ({e})") from None
+    except (KeyError, TypeError) as e:
+        raise UsageError(f"--init {cfg_file}: missing or malformed entry {e}") from None
+    return ck, info
+
+
+def read_run(out: Path) -> dict:
+    path = out / "run.json"
+    if not path.is_file():
+        what = "no saved state at all" if not (out / "resume").exists() else "resume state but no run.json"
+        raise UsageError(f"--resume: {out} holds {what}; nothing to resume (start a fresh run without --resume)")
+    try:
+        run = json.loads(path.read_text(encoding="utf-8"))
+        run["flags"].items(), run["explicit"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UsageError(f"--resume: {path} is not a run record of this project ({e})") from None
+    return run
+
+
+def comparable(k: str, v):
+    """A flag's value as recorded and compared: paths absolute (a resumed run may start from another cwd)."""
+    if v is None or k not in ("data", "init", "base_model", "model"):
+        return v
+    if k == "model" and v in PRESETS:
+        return v
+    if k == "init":  # a run folder and its checkpoint/ are the same --init
+        try:
+            v = checkpoint_dir(v)
+        except FileNotFoundError:
+            pass
+    return [str(Path(x).resolve()) for x in v] if k == "data" else str(Path(v).resolve())
+
+
+def parse_args(argv=None):
+    p = make_parser()
     args = p.parse_args(argv)
+    # Which flags were given: the same parse with every default suppressed.
+    q = make_parser()
+    for action in q._actions:
+        action.default = argparse.SUPPRESS
+    given = set(vars(q.parse_args(argv)))
+    args.out = Path(args.out or f"out/stage{args.stage}")
+    if args.resume:
+        restore_run(args, given)
+    else:
+        resolve_defaults(args, p, given)
+    check_numbers(args)
+    return args
+
+
+def restore_run(args, given: set):
+    """--resume: every flag as recorded in OUT/run.json; one given again with another value is refused."""
+    run = read_run(args.out)
+    if run.get("stage") != args.stage:
+        raise UsageError(f"--stage {args.stage}: the run in {args.out} is stage {run.get('stage')} (run.json)")
+    for k, v in run["flags"].items():
+        if k in NOT_RESTORED or (k in RESUME_MAY_CHANGE and k in given):
+            continue
+        if k in given and comparable(k, getattr(args, k)) != v:
+            raise UsageError(f"{flag(k)} {getattr(args, k)}: the run in {args.out} was started with {flag(k)} {v} "
+                             f"(run.json); --resume continues it unchanged (drop the flag, or start a fresh run in "
+                             f"another --out)")
+        setattr(args, k, v)
+    args.explicit = set(run["explicit"])
+
+
+def resolve_defaults(args, p, given: set):
+    """Fill every unset hyper-parameter. The family of defaults follows what is trained: a preset model (random
+    weights, a laptop CPU) gets TINY, a real model the official values of the stage, and a run from --init
+    the family of the checkpoint it starts from, whatever --model says by default. With --init, the LoRA
+    shape and options and the document shape default to the checkpoint's."""
     if args.stage == 0 and not args.data:
         p.error("--stage 0 needs --data (text to pretrain the base on; there is no sample)")
+    if args.init and "model" in given:
+        p.error("--model names the base of a fresh run; with --init the base is the checkpoint's "
+                "(--base-model DIR reads it from another folder)")
+    if args.base_model and not args.init:
+        p.error("--base-model overrides the base of an --init checkpoint; a fresh run takes --model DIR")
+    if args.base_model and not Path(args.base_model).is_dir():
+        p.error(f"--base-model {args.base_model}: not a directory")
     if args.tie_embeddings and (args.model not in PRESETS or args.init):
         p.error("--tie-embeddings 1 shapes a new preset model; a checkpoint (--model DIR or --init) keeps its own")
     if args.chat_format and args.init:
         p.error("--chat-format chooses a base model's format; a checkpoint (--init) keeps the one it was trained with")
     if args.retrieval_warmup and args.stage != 3:
         p.error(f"--retrieval-warmup trains stage 3's query reasoner; it cannot run with --stage {args.stage}")
+    inherited = {}
+    if args.init:
+        ck, inherited = read_checkpoint_info(args.init)
+        args.init = str(ck)
+        family = inherited.pop("defaults")
+        for k, v in inherited.items():  # what a checkpoint's adapters and memory slots cannot change
+            if k in ("lora_r", "doc_len", "compr_rate") and k in given and getattr(args, k) != v:
+                raise UsageError(f"{flag(k)} {getattr(args, k)}: {ck} was trained with {flag(k)} {v}, which a run "
+                                 f"from it cannot change (drop the flag)")
+    else:
+        family = "tiny" if args.model in PRESETS and args.model != "mistral-7b" else "official"
+    args.defaults = family
     args.data = args.data or [str(ROOT / f"data/sample/stage{args.stage}.jsonl")]
-    args.out = Path(args.out or f"out/stage{args.stage}")
-    preset = STAGES[args.stage] | (TINY if args.model in PRESETS and args.model != "mistral-7b" else {})
-    args.explicit = {k for k, v in vars(args).items() if v is not None}
+    preset = STAGES[args.stage] | (TINY if family == "tiny" else {})
+    args.explicit = {k for k in given if getattr(args, k, None) is not None}
     defaults = dict(lora_r=16, lora_alpha=32.0, lora_dropout=0.1, train_base=int(args.model in PRESETS and not args.init))
-    for k, v in (preset | defaults).items():
+    for k, v in (preset | defaults | inherited).items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
-    return args
+
+
+def run_record(a, argv) -> dict:
+    """OUT/run.json: the flags this run computes with (resolved, defaults included) and those given."""
+    flags = {k: comparable(k, v) for k, v in vars(a).items() if k not in ("explicit", "out")}
+    return {"stage": a.stage, "argv": list(sys.argv[1:] if argv is None else argv), "flags": flags,
+            "explicit": sorted(a.explicit)}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -172,16 +366,21 @@ def lr_at(step: int, total: int, a) -> float:
 def build_clara(a, dataset, device, dtype, rank) -> Clara:
     """Stage 1: fresh adapters on the base. Stage 2: from stage 1 with a fresh decoder (or from a stage-2
     checkpoint, its own decoder: e.g. k=1 then k=2). Stage 3: from stage 2, the query reasoner a copy of the
-    encoder (or from a stage-3 checkpoint, its own query reasoner)."""
+    encoder (or from a stage-3 checkpoint, its own query reasoner). A broken --model or --init folder is a
+    UsageError naming it."""
     cfg = ClaraConfig(doc_max_length=a.doc_len, compr_rate=a.compr_rate, generation_top_k=a.top_k,
                       lora_r=a.lora_r, lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout, tau=a.tau,
                       topk_estimator=a.topk_estimator, mse_weight=a.mse_weight, max_len=a.max_len,
                       training_stage=a.stage)
     if a.init:
-        clara = Clara.from_pretrained(a.init, dtype=dtype, device=device, training_stage=a.stage,
-                                      compr_rate=a.compr_rate if "compr_rate" in a.explicit else None)
+        try:
+            clara = Clara.from_pretrained(a.init, base_model=a.base_model, dtype=dtype, device=device,
+                                          training_stage=a.stage, compr_rate=a.compr_rate)
+        except LOAD_ERRORS as e:
+            hint = " (train.py: --base-model DIR)" if "base_model=DIR" in str(e) else ""
+            raise UsageError(f"--init {a.init}: cannot load the checkpoint: {one_line(e)}{hint}") from None
         trained = clara.cfg
-        for k in ("generation_top_k", "tau", "topk_estimator", "mse_weight", "max_len", "lora_dropout"):
+        for k in ("generation_top_k", "tau", "topk_estimator", "mse_weight", "max_len"):
             setattr(trained, k, getattr(cfg, k))
         if a.stage == 2 and clara.loaded_stage == 2:  # a stage-2 checkpoint: continue with its decoder
             print0(f"stage 2: {a.init} is a stage-2 checkpoint; training continues with its decoder")
@@ -191,17 +390,48 @@ def build_clara(a, dataset, device, dtype, rank) -> Clara:
             print0(f"stage 3: {a.init} has a trained query reasoner; training continues from it")
         elif a.stage == 3:
             clara.model.copy_adapter("encoder", "query")
+        set_lora(clara, a)
         return clara
     base = Path(a.model)
     if a.model in PRESETS:
         base = a.out / "base"
         if rank == 0 and not (base / "config.json").exists():
+            a.out.mkdir(parents=True, exist_ok=True)
             make_preset_base(a, dataset, base)
         if dist.is_initialized():
             dist.barrier()
+    if a.stage in (2, 3):
+        print(f"warning: --stage {a.stage} without --init starts from the bare base "
+              f"{'(random weights, preset ' + a.model + ')' if a.model in PRESETS else str(base)} with fresh "
+              f"adapters, not from a stage-{a.stage - 1} checkpoint (--init OUT/checkpoint)",
+              file=sys.stderr, flush=True)
     torch.manual_seed(a.seed)  # adapter initialisation
-    model = Transformer.from_pretrained(base, dtype=dtype, device=device)
-    return Clara(model, Tokenizer.from_pretrained(base, chat_format=a.chat_format), cfg, base_path=str(base))
+    try:
+        model = Transformer.from_pretrained(base, dtype=dtype, device=device)
+        tok = Tokenizer.from_pretrained(base, chat_format=a.chat_format)
+    except LOAD_ERRORS as e:
+        raise UsageError(f"--model {a.model}: cannot load the base model: {one_line(e)}") from None
+    return Clara(model, tok, cfg, base_path=str(base))
+
+
+def set_lora(clara: Clara, a):
+    """The LoRA options of this run on every adapter, the loaded ones too: each LoRALinear reads its own
+    per-adapter LoRAConfig, so the checkpoint's values would otherwise stay in force while the new checkpoint
+    recorded ours. One config per model, as a checkpoint records one. The rank is the tensors' shape: fixed."""
+    for name, old in list(clara.model.adapters.items()):
+        if old.rank != a.lora_r:
+            raise UsageError(f"--lora-r {a.lora_r}: the {name} adapter of {a.init} has rank {old.rank}, which "
+                             "a run from it cannot change")
+        new = LoRAConfig(rank=a.lora_r, alpha=a.lora_alpha, dropout=a.lora_dropout)
+        clara.model.adapters[name] = new
+        for m in clara.model.lora_layers():
+            m.lora[name] = new
+    clara.cfg.lora_r, clara.cfg.lora_alpha, clara.cfg.lora_dropout = a.lora_r, a.lora_alpha, a.lora_dropout
+
+
+def one_line(e: BaseException) -> str:
+    text = e.args[0] if isinstance(e, KeyError) and len(e.args) == 1 else e  # no repr quotes around a KeyError
+    return " ".join(str(text).split()) or type(e).__name__
 
 
 def preset_tokenizer(texts: list[str], vocab_size: int, split_punctuation: bool = False):
@@ -268,62 +498,157 @@ def _flatten_resume(sd: dict) -> tuple[dict, dict]:
 
 
 def save_all(clara, opt, a, step, position, rank):
-    """The CLaRa checkpoint (rank 0 writes, all ranks gather) and the resumable state.
+    """The CLaRa checkpoint (rank 0 writes, all ranks gather), the resumable state, then OUT/run.json.
 
     One process writes `resume/state.safetensors` (trainable tensors and optimizer state) and
     `resume/state.json` (data position, param groups, their sha256): nothing a reader unpickles. Several
     ranks write torch.distributed.checkpoint's sharded format (its `.metadata` is a pickle) and rank 0 adds
     `manifest.json` with the sha256 of every file, which load_resume checks before reading anything.
+    A failure to write (a full disk) is a UsageError saying that what was saved before is intact (each
+    directory is swapped in whole, clara.replace_dir); the half-written temporary copy is removed.
     """
     import torch.distributed.checkpoint as dcp
+    from safetensors.torch import save_file
     from clara import file_sha256
-    extra = {"step": step, "stage": a.stage}
+    extra = {"step": step, "stage": a.stage, "defaults": a.defaults}  # defaults: what a run from it inherits
     state = clara.state_to_save()  # a collective under FSDP: every rank
-    if rank == 0:
-        clara.save_pretrained(a.out / "checkpoint", extra=extra, state=state)
-    sd = _resume_state(clara, opt)
     resume, tmp = a.out / "resume", a.out / "resume.tmp"
-    if rank == 0 and tmp.exists():
-        shutil.rmtree(tmp)
     position = {"step": step, **position}
-    if not dist.is_initialized():
-        from safetensors import SafetensorError
-        from safetensors.torch import save_file
-        try:
+    try:
+        if rank == 0:
+            clara.save_pretrained(a.out / "checkpoint", extra=extra, state=state)
+        sd = _resume_state(clara, opt)
+        if rank == 0 and tmp.exists():
+            shutil.rmtree(tmp)
+        if not dist.is_initialized():
             tmp.mkdir(parents=True)
             tensors, rest = _flatten_resume(sd)
             save_file(tensors, tmp / "state.safetensors")
             meta = {"format": RESUME_FORMAT, "world_size": 1, "position": position, **rest,
                     "sha256": {"state.safetensors": file_sha256(tmp / "state.safetensors")}}
             (tmp / "state.json").write_text(json.dumps(meta, indent=1))
-        except (OSError, SafetensorError) as e:  # a full disk: the previous resume state stays
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise OSError(f"{resume}: cannot save the resume state ({e}); the previous one, if any, is "
-                          "untouched") from None
-        replace_dir(tmp, resume)
+            replace_dir(tmp, resume)
+            write_json(a.out / "run.json", a.run_record)
+            return
+        dist.barrier()
+        dcp.save(sd, checkpoint_id=str(tmp))
+        dist.barrier()
+        if rank == 0:
+            files = sorted(str(f.relative_to(tmp)) for f in tmp.rglob("*") if f.is_file())
+            manifest = {"format": RESUME_DCP_FORMAT, "world_size": dist.get_world_size(), "position": position,
+                        "sha256": {f: file_sha256(tmp / f) for f in files}}
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+            replace_dir(tmp, resume)
+            write_json(a.out / "run.json", a.run_record)
+    except SAVE_ERRORS as e:
+        if rank == 0:
+            for t in (a.out / "checkpoint.tmp", tmp, a.out / "run.json.tmp"):
+                shutil.rmtree(t, ignore_errors=True) if t.is_dir() else t.unlink(missing_ok=True)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else one_line(e)
+        raise UsageError(f"step {step}: saving to {a.out} failed: {reason}; what was saved before this step is "
+                         f"intact (free some space, then continue with --resume)") from None
+    dist.barrier()
+
+
+def write_json(path: Path, obj):
+    """Written whole or not at all: a temporary sibling, then a rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+class Metrics:
+    """metrics.jsonl, one JSON line per logged step, always the curve of the checkpoint in --out.
+
+    A fresh run logs into metrics.jsonl.tmp until its first save, which renames it over metrics.jsonl: a run
+    that fails before saving anything leaves the previous run's curve (and checkpoint) as they were, and a
+    second run into the same --out never mixes its curve into the first's. A resumed run keeps the lines up
+    to the step it resumes from and drops any logged after that save by the interrupted run, so the file
+    reads as one uninterrupted run."""
+
+    def __init__(self, out: Path, resumed_step: int | None):
+        self.path = out / "metrics.jsonl"
+        self.pending = resumed_step is None
+        if self.pending:
+            self.current = out / "metrics.jsonl.tmp"
+            self.f = open(self.current, "w")
+            return
+        keep = []
+        if self.path.exists():
+            for line in self.path.read_text().splitlines(keepends=True):
+                try:
+                    if json.loads(line).get("step", 0) <= resumed_step:
+                        keep.append(line)
+                except (ValueError, AttributeError):  # a line cut by the kill, or not ours: dropped
+                    pass
+        tmp = out / "metrics.jsonl.tmp"
+        tmp.write_text("".join(keep))
+        os.replace(tmp, self.path)
+        self.current = self.path
+        self.f = open(self.path, "a")
+
+    def write(self, rec: dict):
+        self.f.write(json.dumps(rec) + "\n")
+        self.f.flush()
+
+    def saved(self):
+        """The run's state is now the one in --out: its curve becomes metrics.jsonl."""
+        if self.pending:
+            self.f.close()
+            os.replace(self.current, self.path)
+            self.current, self.pending = self.path, False
+            self.f = open(self.path, "a")
+
+    def close(self):
+        self.f.close()
+
+
+def open_metrics(out: Path, resumed_step: int | None) -> Metrics:
+    return Metrics(out, resumed_step)
+
+
+# What this project writes into --out (train.py, clara.save_pretrained, clara.replace_dir): an --out holding
+# anything else is a user's folder, refused without --overwrite and never cleaned.
+OURS = {"checkpoint", "checkpoint.tmp", "checkpoint.old", "resume", "resume.tmp", "resume.old", "base", "base.tmp",
+        "base.old", "metrics.jsonl", "metrics.jsonl.tmp", "run.json", "run.json.tmp"}
+MARKERS = {"checkpoint": "clara_config.json", "checkpoint.old": "clara_config.json", "base": "config.json",
+           "base.old": "config.json", "resume": ("state.json", "manifest.json"),
+           "resume.old": ("state.json", "manifest.json")}
+
+
+def marker_files(name: str) -> tuple[str, ...]:
+    """The files one of which marks `name` in --out as written by this project."""
+    m = MARKERS[name]
+    return m if isinstance(m, tuple) else (m,)
+
+
+def metrics_lines(path: Path) -> bool:
+    """Whether a file reads as our metrics.jsonl: JSON objects with a "step", one a line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return all(isinstance(r := json.loads(line), dict) and "step" in r for line in f if line.strip())
+    except (OSError, ValueError):
+        return False
+
+
+def check_out(a):
+    """Refuse an --out that this project did not write (before anything is written into it)."""
+    out = a.out
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a directory")
+    if not out.exists() or a.overwrite:
         return
-    dist.barrier()
-    dcp.save(sd, checkpoint_id=str(tmp))
-    dist.barrier()
-    if rank == 0:
-        files = sorted(str(f.relative_to(tmp)) for f in tmp.rglob("*") if f.is_file())
-        manifest = {"format": RESUME_DCP_FORMAT, "world_size": dist.get_world_size(), "position": position,
-                    "sha256": {f: file_sha256(tmp / f) for f in files}}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        replace_dir(tmp, resume)
-    dist.barrier()
-
-
-def open_metrics(path: Path, resumed_step: int | None):
-    """metrics.jsonl for appending: a fresh run starts it empty (a second run into the same --out does not
-    mix its curve into the first's); a resumed run keeps the lines up to the step it resumes from and drops
-    any logged after that save by the interrupted run, so the file reads as one uninterrupted run."""
-    keep = []
-    if resumed_step is not None and path.exists():
-        keep = [line for line in path.read_text().splitlines(keepends=True)
-                if line.strip() and json.loads(line).get("step", 0) <= resumed_step]
-    path.write_text("".join(keep))
-    return open(path, "a")
+    names = sorted(q.name for q in out.iterdir())
+    foreign = [n for n in names if n not in OURS]
+    if not (out / "run.json").is_file():  # no record of a run: each of our names must look like ours
+        foreign += [n for n in names if n in MARKERS and not any((out / n / f).is_file() for f in marker_files(n))]
+        if "metrics.jsonl" in names and not metrics_lines(out / "metrics.jsonl"):
+            foreign.append("metrics.jsonl")
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise UsageError(f"--out {out} holds files this project did not write ({shown}); nothing was changed: "
+                         "choose a new or empty folder, or pass --overwrite to write into it (its other files are "
+                         "kept; checkpoint/, resume/, base/, metrics.jsonl and run.json are replaced)")
 
 
 def check_warmup(records: list[dict], a) -> list[dict]:
@@ -331,7 +656,7 @@ def check_warmup(records: list[dict], a) -> list[dict]:
     if a.retrieval_warmup:
         for r in records:
             if not r.get("pos_index"):
-                raise SystemExit(f"{r['_where']}: --retrieval-warmup needs a non-empty 'pos_index' (the positive "
+                raise UsageError(f"{r['_where']}: --retrieval-warmup needs a non-empty 'pos_index' (the positive "
                                  f"documents) in every record")
     return records
 
@@ -445,7 +770,7 @@ def read_texts(paths) -> list[str]:
     texts = []
     for path in map(Path, paths):
         if not path.is_file():
-            raise SystemExit(f"{path}: stage-0 text file not found")
+            raise UsageError(f"{path}: stage-0 text file not found")
         for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
             if not line.strip():
                 continue
@@ -455,12 +780,12 @@ def read_texts(paths) -> list[str]:
             try:
                 r = json.loads(line)
             except json.JSONDecodeError:
-                raise SystemExit(f"{path}:{n}: not JSON") from None
+                raise UsageError(f"{path}:{n}: not JSON") from None
             if isinstance(r, dict) and "text" not in r and "data_type" in r:
                 try:
                     r = validate_record(r, 1, f"{path}:{n}")  # normalised: lists, one document
                 except DataError as e:
-                    raise SystemExit(str(e)) from None
+                    raise UsageError(str(e)) from None
                 if r["data_type"] == "paraphrase":
                     texts.append(r["answers"][0])
                 else:
@@ -470,13 +795,13 @@ def read_texts(paths) -> list[str]:
                 try:
                     r = validate_record(r, 2, f"{path}:{n}")
                 except DataError as e:
-                    raise SystemExit(f"{path}:{n}: a stage-2 record needs a string question and answer and a list "
+                    raise UsageError(f"{path}:{n}: a stage-2 record needs a string question and answer and a list "
                                      f"of documents: {e}") from None
                 texts.append(f"{text_prompt(r['question'], r['docs'])} {r['answer']}</s>")
                 continue
             text = r.get("text") if isinstance(r, dict) else None
             if not isinstance(text, str) or not text.strip():
-                raise SystemExit(f"{path}:{n}: expected {{\"text\": non-empty string}} or a stage-2 record "
+                raise UsageError(f"{path}:{n}: expected {{\"text\": non-empty string}} or a stage-2 record "
                                  "{\"question\", \"docs\", \"answer\"}")
             texts.append(text)
     return texts
@@ -493,7 +818,7 @@ def pretrain_base(a, device, dtype):
     import numpy as np
     import torch.nn.functional as F
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 or a.resume:
-        raise SystemExit("--stage 0 runs in one process and cannot --resume")
+        raise UsageError("--stage 0 runs in one process and cannot --resume")
     texts = read_texts(a.data)
     if a.model in PRESETS:
         tok = preset_tokenizer(texts, a.vocab_size, split_punctuation=True)  # see train_tokenizer: copyable words
@@ -504,14 +829,15 @@ def pretrain_base(a, device, dtype):
     rows = [r[:a.max_len] for r in tok.encode_batch([t if t.startswith("<s>") else f"<s>{t}</s>" for t in texts])]
     steps_per_epoch = len(rows) // a.global_batch
     if steps_per_epoch == 0:
-        raise SystemExit(f"{a.data}: {len(rows)} texts is less than one global batch ({a.global_batch})")
+        raise UsageError(f"{a.data}: {len(rows)} texts is less than one global batch ({a.global_batch})")
     total = a.max_steps or a.epochs * steps_per_epoch
     model.requires_grad_(True).train()
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=a.weight_decay)
     n_params = sum(p.numel() for p in model.parameters())
     print0(f"stage 0: {len(rows)} texts, {total} steps of {a.global_batch}, {n_params:,} parameters, "
            f"vocabulary {tok.vocab_size}, device {device}, {dtype}")
-    log = open_metrics(a.out / "metrics.jsonl", None)
+    a.out.mkdir(parents=True, exist_ok=True)
+    log = open_metrics(a.out, None)
     for step in range(total):
         t0 = time.perf_counter()
         epoch, i = divmod(step, steps_per_epoch)
@@ -531,31 +857,84 @@ def pretrain_base(a, device, dtype):
             loss_sum += ce.item()
         loss = loss_sum / n_tokens
         if not math.isfinite(loss):
-            raise SystemExit(f"step {step}: non-finite loss {loss}; nothing was saved. Try a lower --lr.")
+            raise UsageError(f"step {step}: non-finite loss {loss}; nothing was saved. Try a lower --lr.")
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), a.grad_clip)
+        if not math.isfinite(float(grad_norm)):
+            raise UsageError(f"step {step + 1}: non-finite gradients; nothing was saved. Try a lower --lr.")
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if not params_finite(list(model.parameters()), False):
+            raise UsageError(f"step {step + 1}: non-finite parameters after the optimizer step; nothing was saved. "
+                             "Try a lower --lr.")
         rec = {"step": step + 1, "loss": loss, "lr": opt.param_groups[0]["lr"], "grad_norm": float(grad_norm),
                "tokens_per_s": n_tokens / (time.perf_counter() - t0)}
         if (step + 1) % a.log_every == 0 or step + 1 == total:
-            log.write(json.dumps(rec) + "\n")
-            log.flush()
+            log.write(rec)
             print0(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
-    log.close()
     tmp = a.out / "base.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
-    tok.save(tmp)
-    replace_dir(tmp, a.out / "base")
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        model.save_pretrained(tmp)
+        tok.save(tmp)
+        replace_dir(tmp, a.out / "base")
+        write_json(a.out / "run.json", a.run_record)
+    except SAVE_ERRORS as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else one_line(e)
+        raise UsageError(f"saving {a.out / 'base'} failed: {reason}; the previous one (if any) is intact") from None
+    log.saved()
+    log.close()
     print0(f"done: {total} steps; base model in {a.out / 'base'} (use it as --model of stage 1)")
 
 
 # ----------------------------------------------------------------------------------------------------
 
+def check_data(a):
+    """--data: files, not folders; said in one line before anything else is read or written."""
+    for f in a.data:
+        path = Path(f)
+        if path.is_dir():
+            raise UsageError(f"--data {f}: is a directory; pass the JSONL file(s) in it")
+        if not path.is_file():
+            raise UsageError(f"--data {f}: no such file")
+
+
+def check_batch(micro: dict, records: list[dict], clara: Clara, a):
+    """What a step cannot run with, named by the record: too few candidates for --top-k (stage 3), or a
+    prompt whose memory slots --max-len cuts off."""
+    where = lambda i: records[i].get("_where", f"record {i}")
+    if a.stage == 3 and not a.retrieval_warmup and micro["docs_per_row"] < a.top_k:
+        raise UsageError(f"{where(0)}: {micro['docs_per_row']} candidate documents, fewer than --top-k {a.top_k}")
+    if a.candidates and a.stage == 3 and micro["docs_per_row"] != a.candidates:
+        raise UsageError(f"--candidates {a.candidates}: {where(0)} holds {micro['docs_per_row']} per question")
+    if a.retrieval_warmup:
+        return
+    slots = micro["docs_per_row"] if a.stage != 3 else a.top_k
+    m0 = int(clara.mem_ids[0])
+    ids = micro["dec"]["ids"]
+    n_mem = ((ids >= m0) & (ids < m0 + clara.cfg.n_mem)).sum(1)  # (B,) memory tokens kept per prompt
+    short = (n_mem != slots * clara.cfg.n_mem).nonzero().flatten().tolist()
+    if short:
+        raise UsageError(f"{where(short[0])}: the prompt is longer than --max-len {a.max_len} tokens (its memory "
+                         f"slots are cut off); raise --max-len or shorten the question")
+
+
+def params_finite(params, distributed: bool) -> bool:
+    """Every parameter finite, on every rank (each checks its shards); one device sync per step."""
+    local = lambda p: p.to_local() if hasattr(p, "to_local") else p
+    ok = torch.stack([torch.isfinite(local(p)).all() for p in params]).all().float()
+    if distributed:
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item())
+
+
 def main(argv=None):
     a = parse_args(argv)
+    a.run_record = run_record(a, argv)
     distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
+    check_data(a)
+    check_out(a)
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if distributed:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -567,10 +946,9 @@ def main(argv=None):
         rank, world = 0, 1
     dtype = getattr(torch, a.dtype) if a.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if a.global_batch % (a.micro_batch * world):
-        raise SystemExit(f"--global-batch {a.global_batch} is not a multiple of --micro-batch {a.micro_batch} "
+        raise UsageError(f"--global-batch {a.global_batch} is not a multiple of --micro-batch {a.micro_batch} "
                          f"x world size {world}")
     accum = a.global_batch // (a.micro_batch * world)
-    a.out.mkdir(parents=True, exist_ok=True)
     if a.stage == 0:
         return pretrain_base(a, device, dtype)
 
@@ -578,11 +956,14 @@ def main(argv=None):
     if len(dataset) <= a.check_limit:  # fail fast on a bad record rather than hours into the run
         errors = dataset.check(max_errors=10)
         if errors:
-            raise SystemExit("bad training data (nothing was written):\n  " + "\n  ".join(errors))
+            raise UsageError("bad training data (nothing was written): " + "; ".join(errors))
     steps_per_epoch = len(dataset) // a.global_batch
     if steps_per_epoch == 0:
-        raise SystemExit(f"{a.data}: {len(dataset)} records is less than one global batch ({a.global_batch})")
+        raise UsageError(f"--data {' '.join(a.data)}: {len(dataset)} records is less than one global batch "
+                         f"({a.global_batch})")
     total = a.max_steps or a.epochs * steps_per_epoch
+    if a.resume and not complete_dir(a.out / "resume").is_dir():  # resume.old after a killed swap counts
+        raise UsageError(f"--resume: {a.out / 'resume'} does not exist; nothing to resume")
 
     clara = build_clara(a, dataset, device, torch.float32 if distributed else dtype, rank)
     clara.model.activation_checkpointing = a.activation_checkpointing
@@ -594,11 +975,14 @@ def main(argv=None):
     n_base = sum(p.numel() for n, p in clara.model.named_parameters() if "lora_" not in n)
     if distributed:
         shard(clara, dtype, device)
-    opt = torch.optim.AdamW([p for p in clara.parameters() if p.requires_grad], lr=a.lr, betas=(0.9, 0.95),
-                            eps=1e-8, weight_decay=a.weight_decay)
+    trainable = [p for p in clara.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=a.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=a.weight_decay)
     step = 0
     if a.resume:
-        step = load_resume(clara, opt, a)["step"]
+        try:
+            step = load_resume(clara, opt, a)["step"]
+        except FileNotFoundError as e:
+            raise UsageError(str(e)) from None
         print0(f"resumed from {a.out / 'resume'} at step {step}")
     print0(f"stage {a.stage}: {len(dataset)} records, {total} steps of {a.global_batch} "
            f"({accum} micro-batches of {a.micro_batch} x {world} ranks), {n_train:,} trainable / {n_base:,} base "
@@ -606,89 +990,141 @@ def main(argv=None):
 
     from tqdm import tqdm
     bar = tqdm(total=total, initial=step, disable=rank != 0, desc=f"stage {a.stage}", dynamic_ncols=True)
-    log = open_metrics(a.out / "metrics.jsonl", step if a.resume else None) if rank == 0 else None
-    truncated_reported = False
-    clara.train()
-    data_iter, iter_epoch = None, None
-    stop_at = min(total, step + a.stop_after) if a.stop_after else total
-    while step < stop_at:
-        t0 = time.perf_counter()
-        epoch, in_epoch = divmod(step, steps_per_epoch)
-        if iter_epoch != epoch or data_iter is None:  # (re)open the stream at this step's position
-            data_iter = batches(dataset, a.micro_batch, epoch, a.seed, rank, world, start_batch=in_epoch * accum)
-            iter_epoch = epoch
-        micro = [clara.collate(check_warmup(next(data_iter), a), a.stage, seed=a.seed) for _ in range(accum)]
-        if a.candidates and a.stage == 3 and micro[0]["docs_per_row"] != a.candidates:
-            raise SystemExit(f"--candidates {a.candidates}: the data holds {micro[0]['docs_per_row']} per question")
-        # The step's loss is normalised by ALL its target tokens: count them first, across ranks.
-        n_tokens = torch.tensor(float(sum(len(m["pos_index"]) if a.retrieval_warmup else
-                                          int((m["dec"]["labels"] != -100).sum()) for m in micro)), device=device)
-        if distributed:
-            dist.all_reduce(n_tokens)
-        n_tokens.clamp_(min=1)  # a step whose targets were all cut by --max-len contributes no CE
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, total, a)
-        torch.manual_seed(a.seed * 100003 + step * world + rank)  # LoRA dropout: a function of the step
-        ce_total, mse_total, hits, n_pos, truncated, tokens = 0.0, 0.0, 0.0, 0, 0, 0
-        for m in micro:
-            out = clara(m, a.stage, "retrieval_warmup" if a.retrieval_warmup else "answer")
-            # FSDP averages gradients over ranks, hence * world: the sum of CE over the step / its tokens.
-            loss = out["ce_sum"] * world / n_tokens + a.mse_weight * out["mse"] / accum
-            loss.backward()
-            ce_total += out["ce_sum"].item()
-            mse_total += out["mse"].item() / accum
-            truncated += m["truncated"]
-            tokens += int(m["enc_mask"].sum()) + int(m["dec"]["mask"].sum())
-            if a.stage == 3:
-                for row, pos in zip(out["topk"].tolist(), m["pos_index"]):
-                    if pos:
-                        hits += len(set(row) & set(pos)) / len(pos)
-                        n_pos += 1
-        stats = torch.tensor([ce_total, mse_total, hits, n_pos, truncated, tokens], device=device, dtype=torch.float64)
-        if distributed:
-            dist.all_reduce(stats)
-        ce = stats[0].item() / n_tokens.item()
-        mse = stats[1].item() / world
-        if not math.isfinite(ce) or not math.isfinite(mse):
-            raise SystemExit(f"step {step}: non-finite loss (ce {ce}, mse {mse}); stopping without saving "
-                             f"(the last good checkpoint in {a.out} is untouched). Try a lower --lr.")
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in clara.parameters() if p.requires_grad], a.grad_clip)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        if stats[4] > 0 and not truncated_reported:
-            print0(f"note: documents longer than doc_len={a.doc_len} tokens are cut on the right "
-                   f"({int(stats[4])} in step {step}; reported once)")
-            truncated_reported = True
-        dt = time.perf_counter() - t0
-        rec = {"step": step, "loss": ce + a.mse_weight * mse, "infonce" if a.retrieval_warmup else "ce": ce, "mse": mse,
-               "lr": opt.param_groups[0]["lr"],
-               "grad_norm": float(grad_norm), "tokens_per_s": stats[5].item() / dt,
-               "samples_per_s": a.global_batch / dt}
-        if a.stage == 3 and stats[3] > 0:
-            rec[f"recall@{a.top_k}"] = stats[2].item() / stats[3].item()
-        if device.type == "cuda":
-            # LoRA on a frozen base: forward 2N, backward 2N (activation grads only) FLOPs per token,
-            # + 2N recompute with activation checkpointing; attention FLOPs left out. H100/H200 bf16 dense peak.
-            flops = (4 + 2 * a.activation_checkpointing) * n_base * stats[5].item()
-            rec["mfu"] = flops / dt / (989e12 * world)
-        bar.update(1)
-        bar.set_postfix(loss=f"{rec['loss']:.4f}")
-        if log and (step % a.log_every == 0 or step == stop_at):
-            log.write(json.dumps(rec) + "\n")
-            log.flush()
-            bar.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
-        if (a.save_every and step % a.save_every == 0) or step == stop_at:
-            save_all(clara, opt, a, step, {"epoch": step // steps_per_epoch}, rank)
-    bar.close()
+    a.out.mkdir(parents=True, exist_ok=True)  # only now: a run that cannot start leaves no folder behind
+    log = open_metrics(a.out, step if a.resume else None) if rank == 0 else None
+    saved_step = step if a.resume else None  # the last finite state in --out written by this run
+
+    def nothing_saved(what: str) -> UsageError:
+        if saved_step is not None:
+            last = f"the last finite checkpoint is where it was: {a.out / 'checkpoint'} (step {saved_step})"
+        elif (a.out / "checkpoint").exists():
+            last = f"this run saved nothing; {a.out / 'checkpoint'} is as it was before this run"
+        else:
+            last = "nothing was saved"
+        return UsageError(f"step {step + 1}: {what}; stopped before saving: {last}. Try a lower --lr.")
+
+    try:
+        truncated_reported = False
+        clara.train()
+        data_iter, iter_epoch = None, None
+        stop_at = min(total, step + a.stop_after) if a.stop_after else total
+        while step < stop_at:
+            t0 = time.perf_counter()
+            epoch, in_epoch = divmod(step, steps_per_epoch)
+            if iter_epoch != epoch or data_iter is None:  # (re)open the stream at this step's position
+                data_iter = batches(dataset, a.micro_batch, epoch, a.seed, rank, world, start_batch=in_epoch * accum)
+                iter_epoch = epoch
+            micro = []
+            for _ in range(accum):
+                records = check_warmup(next(data_iter), a)
+                try:
+                    micro.append(clara.collate(records, a.stage, seed=a.seed))
+                except ValueError as e:  # e.g. records of one batch with different numbers of documents
+                    raise UsageError(f"{records[0].get('_where', 'a batch')}: {one_line(e)}") from None
+                check_batch(micro[-1], records, clara, a)
+            # The step's loss is normalised by ALL its target tokens: count them first, across ranks.
+            n_tokens = torch.tensor(float(sum(len(m["pos_index"]) if a.retrieval_warmup else
+                                              int((m["dec"]["labels"] != -100).sum()) for m in micro)), device=device)
+            if distributed:
+                dist.all_reduce(n_tokens)
+            n_tokens.clamp_(min=1)  # a step whose targets were all cut by --max-len contributes no CE
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, total, a)
+            torch.manual_seed(a.seed * 100003 + step * world + rank)  # LoRA dropout: a function of the step
+            ce_total, mse_total, hits, n_pos, truncated, tokens = 0.0, 0.0, 0.0, 0, 0, 0
+            for m in micro:
+                out = clara(m, a.stage, "retrieval_warmup" if a.retrieval_warmup else "answer")
+                # FSDP averages gradients over ranks, hence * world: the sum of CE over the step / its tokens.
+                loss = out["ce_sum"] * world / n_tokens + a.mse_weight * out["mse"] / accum
+                loss.backward()
+                ce_total += out["ce_sum"].item()
+                mse_total += out["mse"].item() / accum
+                truncated += m["truncated"]
+                tokens += int(m["enc_mask"].sum()) + int(m["dec"]["mask"].sum())
+                if a.stage == 3:
+                    for row, pos in zip(out["topk"].tolist(), m["pos_index"]):
+                        if pos:
+                            hits += len(set(row) & set(pos)) / len(pos)
+                            n_pos += 1
+            stats = torch.tensor([ce_total, mse_total, hits, n_pos, truncated, tokens], device=device, dtype=torch.float64)
+            if distributed:
+                dist.all_reduce(stats)
+            ce = stats[0].item() / n_tokens.item()
+            mse = stats[1].item() / world
+            if not math.isfinite(ce) or not math.isfinite(mse):
+                raise nothing_saved(f"non-finite loss (ce {ce}, mse {mse})")
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, a.grad_clip)
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            if not math.isfinite(float(grad_norm)):  # before the update: neither weights nor AdamW state see it
+                raise nothing_saved(f"non-finite gradients (norm {float(grad_norm)})")
+            try:
+                opt.step()
+            except RuntimeError as e:  # AdamW's step size lr / (1 - beta1^t) past the float range (a huge --lr)
+                if "overflow" not in str(e):
+                    raise
+                raise nothing_saved(f"the optimizer step overflowed ({one_line(e)})") from None
+            opt.zero_grad(set_to_none=True)
+            # A finite loss and gradient can still step to inf/nan weights (a huge --lr): never save those.
+            if not params_finite(trainable, distributed):
+                raise nothing_saved(f"non-finite parameters after the optimizer step (lr {opt.param_groups[0]['lr']:g})")
+            step += 1
+            if stats[4] > 0 and not truncated_reported:
+                print0(f"note: documents longer than doc_len={a.doc_len} tokens are cut on the right "
+                       f"({int(stats[4])} in step {step}; reported once)")
+                truncated_reported = True
+            dt = time.perf_counter() - t0
+            rec = {"step": step, "loss": ce + a.mse_weight * mse, "infonce" if a.retrieval_warmup else "ce": ce, "mse": mse,
+                   "lr": opt.param_groups[0]["lr"],
+                   "grad_norm": float(grad_norm), "tokens_per_s": stats[5].item() / dt,
+                   "samples_per_s": a.global_batch / dt}
+            if a.stage == 3 and stats[3] > 0:
+                rec[f"recall@{a.top_k}"] = stats[2].item() / stats[3].item()
+            if device.type == "cuda":
+                # LoRA on a frozen base: forward 2N, backward 2N (activation grads only) FLOPs per token,
+                # + 2N recompute with activation checkpointing; attention FLOPs left out. H100/H200 bf16 dense peak.
+                flops = (4 + 2 * a.activation_checkpointing) * n_base * stats[5].item()
+                rec["mfu"] = flops / dt / (989e12 * world)
+            bar.update(1)
+            bar.set_postfix(loss=f"{rec['loss']:.4f}")
+            if log and (step % a.log_every == 0 or step == stop_at):
+                log.write(rec)
+                bar.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
+            if (a.save_every and step % a.save_every == 0) or step == stop_at:
+                save_all(clara, opt, a, step, {"epoch": step // steps_per_epoch}, rank)
+                saved_step = step
+                if log:
+                    log.saved()
+    finally:  # the bar's line ends before any error message
+        bar.close()
+        if log:
+            log.close()
     print0(f"done: {step} steps; checkpoint in {a.out / 'checkpoint'}")
     if distributed:
         dist.destroy_process_group()
 
 
-if __name__ == "__main__":
+# Errors that a broken --model / --init folder raises while loading (our loaders' deliberate ValueError,
+# KeyError and FileNotFoundError, the OS's, safetensors' for a damaged file); SAVE_ERRORS: writing.
+from safetensors import SafetensorError  # noqa: E402  (one of the runtime packages; here next to its use)
+LOAD_ERRORS = (OSError, ValueError, KeyError, SafetensorError)
+SAVE_ERRORS = (OSError, SafetensorError)
+
+
+def cli(argv=None) -> int:
+    """The command line: an expected error is one line on stderr and exit 2, never a traceback."""
     try:
-        main()
-    except DataError as e:  # a bad record found while training: its file, line and field, no traceback
-        raise SystemExit(f"bad training data: {e}") from None
+        main(argv)
+    except UsageError as e:
+        print(f"train.py: error: {e.message}", file=sys.stderr)
+        return 2
+    except DataError as e:  # a bad record found while training: its file, line and field
+        print(f"train.py: error: bad training data: {one_line(e)}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the environment (permissions, a vanished file, a full disk outside a save)
+        print(f"train.py: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -64,15 +64,17 @@ def test_stage2_from_stage1_and_stage3_from_stage2(stage1, tmp_path):
     enc1, enc2 = c1.model.adapter_parameters("encoder"), c2.model.adapter_parameters("encoder")
     assert any(not torch.equal(enc1[k], enc2[k]) for k in enc1)
     # stage 2 from a stage-2 checkpoint continues ITS decoder (e.g. k=1, then k=2 documents), while from a
-    # stage-1 checkpoint the decoder starts fresh (every lora_B zero); lr 0 so only the loading shows
+    # stage-1 checkpoint the decoder starts fresh (every lora_B zero); lr 1e-30 (an lr must be > 0) moves a
+    # weight by about 1e-30, so only the loading shows
     for init, out in ((s2, "s2b"), (s1, "s2c")):
-        run(tmp_path / out, 2, "--init", str(init / "checkpoint"), "--max-steps", "1", "--top-k", "5", "--lr", "0",
+        run(tmp_path / out, 2, "--init", str(init / "checkpoint"), "--max-steps", "1", "--top-k", "5", "--lr", "1e-30",
             "--max-len", "400", "--data", one_batch(tmp_path, 2))
+    same = lambda x, y: torch.allclose(x, y, rtol=0, atol=1e-20)
     dec2 = c2.model.adapter_parameters("decoder")
     dec2b = Clara.from_pretrained(tmp_path / "s2b" / "checkpoint").model.adapter_parameters("decoder")
-    assert all(torch.equal(dec2[k], dec2b[k]) for k in dec2)
+    assert all(same(dec2[k], dec2b[k]) for k in dec2)
     dec2c = Clara.from_pretrained(tmp_path / "s2c" / "checkpoint").model.adapter_parameters("decoder")
-    assert all(v.abs().sum() == 0 for k, v in dec2c.items() if ".lora_B." in k)
+    assert all(v.abs().max() < 1e-20 for k, v in dec2c.items() if ".lora_B." in k)
     assert any(v.abs().sum() > 0 for k, v in dec2b.items() if ".lora_B." in k)
     s3 = tmp_path / "s3"
     log3 = run(s3, 3, "--init", str(s2 / "checkpoint"), "--max-steps", "20", "--top-k", "2", "--lr", "3e-3",
@@ -85,11 +87,11 @@ def test_stage2_from_stage1_and_stage3_from_stage2(stage1, tmp_path):
     enc3 = c3.model.adapter_parameters("encoder")
     assert all(torch.equal(enc2[k], enc3[k]) for k in enc2)
     # stage 3 from a stage-3 checkpoint continues ITS query reasoner (not a fresh copy of the encoder)
-    run(tmp_path / "s3b", 3, "--init", str(s3 / "checkpoint"), "--max-steps", "1", "--top-k", "2", "--lr", "0",
+    run(tmp_path / "s3b", 3, "--init", str(s3 / "checkpoint"), "--max-steps", "1", "--top-k", "2", "--lr", "1e-30",
         "--max-len", "400", "--data", one_batch(tmp_path, 3))
     q3 = c3.model.adapter_parameters("query")
     q3b = Clara.from_pretrained(tmp_path / "s3b" / "checkpoint").model.adapter_parameters("query")
-    assert all(torch.equal(q3[k], q3b[k]) for k in q3)
+    assert all(same(q3[k], q3b[k]) for k in q3)
     assert any(not torch.equal(q3[k], enc3[k.replace(".query", ".encoder")]) for k in q3)
 
 
@@ -168,12 +170,12 @@ def test_bad_data_never_touches_the_last_checkpoint(stage1, tmp_path):
     assert (out / "checkpoint" / "clara.safetensors").read_bytes() == before
     with pytest.raises(SystemExit, match="global-batch 5 is not a multiple"):
         run(out, 1, "--global-batch", "5")
-    with pytest.raises(ValueError, match="compr_rate=8, but compr_rate=4"):
+    with pytest.raises(SystemExit, match="--compr-rate 4: .* was trained with --compr-rate 8"):
         run(tmp_path / "x", 2, "--init", str(s1 / "checkpoint"), "--compr-rate", "4", "--max-steps", "1")
 
 
 def test_non_finite_loss_stops_cleanly(tmp_path):
-    with pytest.raises(SystemExit, match="non-finite loss"):
+    with pytest.raises(SystemExit, match="non-finite (loss|gradients)|overflowed"):
         run(tmp_path, 1, "--max-steps", "3", "--lr", "1e30", "--grad-clip", "1e30")
     assert not (tmp_path / "checkpoint").exists()
 
