@@ -187,7 +187,7 @@ def test_stage3_gradient_through_topk_not_encoder(tiny_base):
     assert any(n.endswith(".decoder") for n in got)
 
 
-def test_score_candidates_is_what_retrieve_ranks_and_can_train_the_encoder(tiny_base):
+def test_score_candidates_is_what_retrieve_ranks_with_frozen_documents(tiny_base):
     c = make(tiny_base, stage=3)
     c.model.copy_adapter("encoder", "query")
     batch = c.collate(records(3), stage=3)
@@ -202,8 +202,6 @@ def test_score_candidates_is_what_retrieve_ranks_and_can_train_the_encoder(tiny_
         p.requires_grad_(True)
     c.score_candidates(batch, 4)[0].sum().backward()  # frozen documents: no gradient to the encoder
     assert all(p.grad is None for p in c.model.adapter_parameters("encoder").values())
-    c.score_candidates(batch, 4, train_encoder=True)[0].sum().backward()
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in c.model.adapter_parameters("encoder").values())
 
 
 def test_retrieval_infonce_hand_computed():
