@@ -168,7 +168,7 @@ def test_gradients_reach_what_the_spec_says(tiny_base):
     got = grads_after_one_step(c, 1)
     assert {n for n in got if "lora" in n and n.endswith(".encoder")} and {n for n in got if n.endswith(".decoder")}
     assert "mem_embeddings" in got
-    # the trainable set of each stage is exactly the spec's table
+    # the trainable set of each stage is exactly the stages table (docs/method.md#stages)
     c = make(tiny_base, stage=3)
     for stage, adapters, mem in [(1, {"encoder", "decoder"}, True), (2, {"encoder", "decoder"}, False),
                                  (3, {"query", "decoder"}, False)]:
@@ -256,7 +256,7 @@ def test_trained_base_travels_with_the_checkpoint(tiny_base, tmp_path):
 
 
 def write_official(c: Clara, path):
-    """An official release folder built from the documented key names and shapes (CLARA_SPEC.md §8)."""
+    """An official release folder built from the documented keys and shapes (docs/method.md#checkpoints)."""
     path.mkdir()
     proj = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
             "attention.wo": "self_attn.o_proj", "mlp.gate": "mlp.gate_proj", "mlp.up": "mlp.up_proj",
