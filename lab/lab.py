@@ -21,8 +21,8 @@ It runs the same commands a reader would type (each is printed before it runs) a
               person's document and 7 similar people's), with the answer accuracy, measured three times: untrained
               (the query reasoner = a copy of the encoder), after the retrieval warm-up (--retrieval-warmup:
               the query reasoner alone, InfoNCE on pos_index, the official optional step,
-              docs/method.md#losses) and after the
-              end-to-end stage 3 (answer loss through the differentiable top-k, query + decoder adapters)
+              docs/method.md#losses) and after the end-to-end stage 3 (answer loss through the
+              differentiable top-k, query + decoder adapters)
 
 Outputs in --out: every stage's directory, `results.json` (every number below), `results.md` (the tables
 the README shows) and two pictures, `rate_curve.svg` and `stage3_curve.svg` (hand-written SVG, no plotting
@@ -41,10 +41,10 @@ Why these choices (the measurements, and the finished diagnoses behind them, are
     weights that both train (`--train-base 1`), the encoder's memory stayed at chance;
   - tied input/output embeddings: an untied tiny model did not learn to copy a word from its context;
   - questions that describe the person's job (--describe): the tiny encoder's memories keep the facts its
-    training questions ask about, not the person's name (linear probes at chance, docs/LOG.md),
-    so with the name alone nothing in the memories tells the right document from similar people's and stage 3
-    stayed at chance (recall@1 9.3 -> 10.8 % without --describe). The description shares no word with the job, so the
-    untrained query reasoner cannot match it by its surface: stage 3 has to learn what it means. Job questions
+    training questions ask about, not the person's name (linear probes at chance, docs/LOG.md), so with
+    the name alone nothing in the memories tells the right document from similar people's and stage 3
+    stayed at chance (recall@1 9.3 -> 10.8 % without --describe). The description shares no word with the
+    job, so the untrained query reasoner cannot match it by its surface: stage 3 has to learn what it means. Job questions
     stay in stage 2 because a memory drops a fact that no training question asks (job probe at chance when
     they were left out);
   - stage 3 from the best reader: every rate reads the job questions at 95-100%, the town questions (stage 3's)
