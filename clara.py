@@ -421,22 +421,18 @@ class Clara(nn.Module):
         selected = torch.einsum("bkn,bnd->bkd", W, D)  # (B, K, M*H): slot j holds the j-th ranked doc
         return selected.view(scores.shape[0], top_k, self.cfg.n_mem, -1), idx, scores
 
-    def score_candidates(self, batch: dict, n_candidates: int, train_encoder: bool = False):
+    def score_candidates(self, batch: dict, n_candidates: int):
         """Cosine scores (B, N) in fp32 between the query reasoner's question vector and each candidate's
         memory, and the candidates' memory D (B, N, M*H) in fp32.
 
-        As in stage 3 the documents go through the frozen encoder under no_grad with dropout off;
-        train_encoder=True keeps their graph instead (bench/lab_retrieval.py's upper bound, not the method).
+        As in stage 3 the documents go through the frozen encoder under no_grad with dropout off.
         """
         B = batch["q_ids"].shape[0]
-        if train_encoder:
+        was_training = self.model.training
+        with torch.no_grad():  # documents: frozen encoder, and no LoRA dropout (an official defect)
+            self.model.eval()
             docs, _ = self.compress(batch["enc_ids"], batch["enc_mask"])  # (B*N, M, H)
-        else:
-            was_training = self.model.training
-            with torch.no_grad():  # documents: frozen encoder, and no LoRA dropout (an official defect)
-                self.model.eval()
-                docs, _ = self.compress(batch["enc_ids"], batch["enc_mask"])  # (B*N, M, H)
-                self.model.train(was_training)
+            self.model.train(was_training)
         D = docs.view(B, n_candidates, -1).float()  # (B, N, M*H)
         q, _ = self.compress(batch["q_ids"], batch["q_mask"], adapter="query")  # (B, M, H)
         return F.cosine_similarity(q.reshape(B, 1, -1).float(), D, dim=-1), D  # (B, N) fp32

@@ -1,7 +1,7 @@
 """Differentiable top-k selection of documents: the retrieval step of CLaRa's end-to-end stage.
 
 What is here:
-  differentiable_topk  the estimator CLaRa trains with (CLARA_SPEC.md section 5, the paper's stage 3):
+  differentiable_topk  the estimator CLaRa trains with (docs/method.md#differentiable-top-k, the paper's stage 3):
                        a hard top-k in the forward pass, the gradient of a sequential softmax backward
   gumbel_topk          the same with Gumbel noise on the logits (an ablation: sampled top-k)
   soft_topk            the sequential softmax itself, no straight-through (an ablation: soft mixtures)
@@ -33,7 +33,7 @@ Plackett-Luce choice probabilities, conditioned on the hard earlier picks):
 
     W = H + (P - stopgrad(P))        forward: exactly H;  dW/dz = dP/dz
 
-`taken` is built from H only, so it carries no gradient (the spec's stopgrad is automatic here).
+`taken` is built from H only, so it carries no gradient (the official stopgrad is automatic here).
 
 Why it is biased. The loss L(W) we train is evaluated at the hard W = H, but its gradient is taken as if W
 had been the soft P: dL/ds = (dL/dW)|_{W=H} . dP/ds. That is neither the gradient of L(H) (zero almost
@@ -68,7 +68,7 @@ from __future__ import annotations
 
 import torch
 
-# Smallest temperature: the spec divides by max(tau, 1e-6), so tau = 0 means "as hard as we can".
+# Smallest temperature: the official code divides by max(tau, 1e-6), so tau = 0 means "as hard as we can".
 MIN_TAU = 1e-6
 # Added inside the log of the availability mask: log(1 - taken + 1e-8), i.e. -18.42 for a taken document.
 MASK_EPS = 1e-8

@@ -168,7 +168,7 @@ def test_gradients_reach_what_the_spec_says(tiny_base):
     got = grads_after_one_step(c, 1)
     assert {n for n in got if "lora" in n and n.endswith(".encoder")} and {n for n in got if n.endswith(".decoder")}
     assert "mem_embeddings" in got
-    # the trainable set of each stage is exactly the spec's table
+    # the trainable set of each stage is exactly the stages table (docs/method.md#stages)
     c = make(tiny_base, stage=3)
     for stage, adapters, mem in [(1, {"encoder", "decoder"}, True), (2, {"encoder", "decoder"}, False),
                                  (3, {"query", "decoder"}, False)]:
@@ -187,7 +187,7 @@ def test_stage3_gradient_through_topk_not_encoder(tiny_base):
     assert any(n.endswith(".decoder") for n in got)
 
 
-def test_score_candidates_is_what_retrieve_ranks_and_can_train_the_encoder(tiny_base):
+def test_score_candidates_is_what_retrieve_ranks_with_frozen_documents(tiny_base):
     c = make(tiny_base, stage=3)
     c.model.copy_adapter("encoder", "query")
     batch = c.collate(records(3), stage=3)
@@ -202,8 +202,6 @@ def test_score_candidates_is_what_retrieve_ranks_and_can_train_the_encoder(tiny_
         p.requires_grad_(True)
     c.score_candidates(batch, 4)[0].sum().backward()  # frozen documents: no gradient to the encoder
     assert all(p.grad is None for p in c.model.adapter_parameters("encoder").values())
-    c.score_candidates(batch, 4, train_encoder=True)[0].sum().backward()
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in c.model.adapter_parameters("encoder").values())
 
 
 def test_retrieval_infonce_hand_computed():
@@ -258,7 +256,7 @@ def test_trained_base_travels_with_the_checkpoint(tiny_base, tmp_path):
 
 
 def write_official(c: Clara, path):
-    """An official release folder built from the documented key names and shapes (CLARA_SPEC.md §8)."""
+    """An official release folder built from the documented keys and shapes (docs/method.md#checkpoints)."""
     path.mkdir()
     proj = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
             "attention.wo": "self_attn.o_proj", "mlp.gate": "mlp.gate_proj", "mlp.up": "mlp.up_proj",

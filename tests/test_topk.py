@@ -1,9 +1,9 @@
 """Tests for topk.py: the forward pass against torch.topk, the gradient against a naive float64 version.
 
 The reference below is written independently of topk.py: one question at a time, Python lists for the
-availability mask, a hand-written softmax. It follows CLARA_SPEC.md section 5 line by line. Gradients
-are compared in float64 with rtol 1e-9 / atol 1e-10 (the two differ only by summation order, ~1e-15
-relative); forward values are compared exactly.
+availability mask, a hand-written softmax. It follows docs/method.md#differentiable-top-k line by line.
+Gradients are compared in float64 with rtol 1e-9 / atol 1e-10 (the two differ only by summation order,
+~1e-15 relative); forward values are compared exactly.
 """
 import math
 

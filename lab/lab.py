@@ -1,11 +1,11 @@
 """The CPU lab: CLaRa's three stages on a synthetic corpus with a tiny model, start to finish in minutes.
 
-    python bench/lab.py                # the full lab (14 minutes on 2 CPU cores), writes out/lab/
-    python bench/lab.py --fast         # the small version the test suite runs (tests/test_lab.py), 8-9 min
+    python lab/lab.py                  # the full lab (14 minutes on 2 CPU cores), writes out/lab/
+    python lab/lab.py --fast           # the small version the test suite runs (tests/test_lab.py), 8-9 min
 
 It runs the same commands a reader would type (each is printed before it runs) and gathers their results:
 
-  1. data     python data.py synth: 2,000 made-up people with a short biography each (a first name and a
+  1. data     python lab/synth.py: 2,000 made-up people with a short biography each (a first name and a
               surname from two word lists, one token each); questions about three one-word facts (job, home
               town, birthplace) of held-out people who never appear in training (unseen name pairs). Every
               person has a job; a question about a town also describes that job in other words, "Where does
@@ -20,14 +20,15 @@ It runs the same commands a reader would type (each is printed before it runs) a
   4. stage 3  from the best stage-2 reader of the run (or --stage3-rate): retrieval among N=8 candidates (the
               person's document and 7 similar people's), with the answer accuracy, measured three times: untrained
               (the query reasoner = a copy of the encoder), after the retrieval warm-up (--retrieval-warmup:
-              the query reasoner alone, InfoNCE on pos_index, the spec's optional step) and after the
-              end-to-end stage 3 (answer loss through the differentiable top-k, query + decoder adapters)
+              the query reasoner alone, InfoNCE on pos_index, the official optional step,
+              docs/method.md#losses) and after the end-to-end stage 3 (answer loss through the
+              differentiable top-k, query + decoder adapters)
 
 Outputs in --out: every stage's directory, `results.json` (every number below), `results.md` (the tables
 the README shows) and two pictures, `rate_curve.svg` and `stage3_curve.svg` (hand-written SVG, no plotting
 dependency).
 
-Why these choices (the measurements are in BENCHMARKS.md, bench/lab_probe.py is the probe behind them):
+Why these choices (the measurements, and the finished diagnoses behind them, are in docs/LOG.md):
   - no alignment loss in stages 1-2: with the method's 0.1 * mse (memory mean pulled to the mean of the
     document's hidden states) the tiny encoder writes one huge constant vector at every memory position
     (residual norm ~470 vs ~2.6 of document-dependent variation after 200 stage-1 steps): all memories
@@ -40,15 +41,15 @@ Why these choices (the measurements are in BENCHMARKS.md, bench/lab_probe.py is 
     weights that both train (`--train-base 1`), the encoder's memory stayed at chance;
   - tied input/output embeddings: an untied tiny model did not learn to copy a word from its context;
   - questions that describe the person's job (--describe): the tiny encoder's memories keep the facts its
-    training questions ask about, not the person's name (linear probes at chance, BENCHMARKS.md sessions 5-6),
-    so with the name alone nothing in the memories tells the right document from similar people's and stage 3
-    stayed at chance (recall@1 9.3 -> 10.8 %, session 5). The description shares no word with the job, so the
-    untrained query reasoner cannot match it by its surface: stage 3 has to learn what it means. Job questions
+    training questions ask about, not the person's name (linear probes at chance, docs/LOG.md), so with
+    the name alone nothing in the memories tells the right document from similar people's and stage 3
+    stayed at chance (recall@1 9.3 -> 10.8 % without --describe). The description shares no word with the
+    job, so the untrained query reasoner cannot match it by its surface: stage 3 has to learn what it means. Job questions
     stay in stage 2 because a memory drops a fact that no training question asks (job probe at chance when
     they were left out);
   - stage 3 from the best reader: every rate reads the job questions at 95-100%, the town questions (stage 3's)
-    at 0-75%, by rate and by run (reading starts by chance; BENCHMARKS.md, session 6);
-  - the warm-up before the end-to-end stage 3 (session 6): the answer loss alone does not move the untrained
+    at 0-75%, by rate and by run (reading starts by chance; docs/LOG.md);
+  - the warm-up before the end-to-end stage 3: the answer loss alone does not move the untrained
     query reasoner (recall@1 12.9 -> 11.9 % in 300 steps); after the warm-up (-> 85.9 %) the query reasoner
     finds the document, so the end-to-end answer loss can teach the decoder;
   - one-word facts and one document per question in stage 2: a 2-layer, 64-wide model learns to read them in
@@ -82,7 +83,7 @@ NO_MSE = ["--mse-weight", "0"]
 # The end-to-end stage 3 after the warm-up, at a lower learning rate than the warm-up's 1e-3: where the decoder
 # reads the towns poorly its answer loss carries little retrieval signal, and at 1e-3 it undid the warm-up
 # (recall@1 85.9 -> 22.0 %; at 1e-4: 84.4 %); with a decoder that reads them, 1e-3 and 3e-4 both kept it
-# (85.4 -> 82.7 %) and raised the answers (37.1 -> 48.5 / 45.0 %). Session 6, BENCHMARKS.md.
+# (85.4 -> 82.7 %) and raised the answers (37.1 -> 48.5 / 45.0 %). docs/LOG.md, 2026-11-25.
 S3_LR = "3e-4"
 
 
@@ -128,7 +129,7 @@ def main(argv=None) -> dict:
     seed = ["--seed", str(a.seed)]
 
     # 1. data: one document per stage-2 question (k=1), N=8 candidates per stage-3 question
-    run([PY, "data.py", "synth", "--out", data, "--train", cfg["train"], "--test", cfg["test"], "--k", "1",
+    run([PY, "lab/synth.py", "--out", data, "--train", cfg["train"], "--test", cfg["test"], "--k", "1",
          "--candidates", "8", "--questions", cfg["questions"], "--ask", "job", "home", "place", "--names", "words",
          "--ask-names", "--describe", *seed], log)
     # 2. stage 0 (not CLaRa): the base decoder, from random weights, on raw-text QA about every fact of the
