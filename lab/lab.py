@@ -145,7 +145,7 @@ def main(argv=None) -> dict:
              "--train-base", "0", "--doc-len", "64", "--compr-rate", rate, "--lr", "3e-3", "--min-lr", "3e-4",
              "--max-steps", cfg["s1_steps"], *COMMON, *NO_MSE, *seed], log)
         run([PY, "train.py", "--stage", "2", "--init", d / "stage1" / "checkpoint", "--data", data / "stage2.jsonl",
-             "--out", d / "stage2", "--top-k", "1", "--lr", "3e-3", "--min-lr", "1e-3",
+             "--out", d / "stage2", "--top-k", "1", "--lr", "3e-3", "--min-lr", "1e-3", "--warmup", "0.05",
              "--max-steps", cfg["s2_steps"], *COMMON, *NO_MSE, *seed], log)
         baselines = rate == cfg["rates"][0]  # the text and closed-book baselines read with the base: once
         r = evaluate(d / "stage2" / "checkpoint", data / "test_stage2.jsonl", d / "eval",
