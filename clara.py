@@ -1,7 +1,7 @@
 """CLaRa: compress documents into memory-token vectors, answer from them, and learn retrieval end to end.
 
 This file is the method (paper arXiv 2511.18659; behaviour of the official `modeling_clara.py` as written
-down in CLARA_SPEC.md, never its code). One frozen decoder (model.py) carries three LoRA adapters:
+down in docs/method.md, never its code). One frozen decoder (model.py) carries three LoRA adapters:
 
     encoder  compresses a document:  "<ENC><s>{doc}</s>" (left padded to L+3) + <MEM0..M-1>
              -> final hidden states (after the last RMSNorm) at the M memory positions  = (M, H)
@@ -10,7 +10,7 @@ down in CLARA_SPEC.md, never its code). One frozen decoder (model.py) carries th
     query    (stage 3) encodes the question like a document; cosine similarity with the compressed
              candidates -> differentiable top-k (topk.py) -> the selected vectors go into the slots
 
-Stages (CLARA_SPEC.md §5): 1 = compression pretraining (QA / paraphrase targets, encoder + decoder +
+Stages (docs/method.md#stages): 1 = compression pretraining (QA / paraphrase targets, encoder + decoder +
 <MEMi> embedding rows), 2 = instruction tuning (k documents per question, encoder + a fresh decoder),
 3 = end to end (query + decoder; documents compressed without gradient by the frozen encoder).
 
@@ -135,7 +135,7 @@ def build_prompt(kind: str, docs: str, question: str = "", qa: list[tuple[str, s
 
 def retrieval_infonce(scores: torch.Tensor, pos_index: list[list[int]], tau: float = 0.02,
                       reduction: str = "mean") -> torch.Tensor:
-    """Multi-positive InfoNCE over cosine scores, averaged over rows (CLARA_SPEC.md §5, the official optional
+    """Multi-positive InfoNCE over cosine scores, averaged over rows (docs/method.md#losses, the official optional
     retrieval warm-up; supervised by pos_index, so NOT the end-to-end stage 3, which never sees pos_index):
 
         loss_b = -log( sum_{p in pos_b} exp(s_bp / tau) / sum_n exp(s_bn / tau) )
@@ -199,7 +199,7 @@ class Clara(nn.Module):
         self.base_carried = False
         self.base_sha256: dict[str, str] | None = None  # None: hashed from base_path at the first save
         self.loaded_stage: int | None = None  # the training stage that wrote that checkpoint
-        # The <MEMi> input embeddings train in stage 1 (CLARA_SPEC.md §2). Rather than a gradient mask over
+        # The <MEMi> input embeddings train in stage 1 (docs/method.md#added-tokens). Rather than a gradient mask over
         # the whole (V, H) embedding (and AdamW state for all of it), they live in their own (M, H)
         # parameter, used by `embed`, and are written into the embedding rows when a checkpoint is saved.
         emb = model.tok_embeddings.weight
@@ -230,7 +230,7 @@ class Clara(nn.Module):
         return torch.where(is_mem[..., None], mem, x)
 
     def trainable_parameters(self, stage: int, train_base: bool = False) -> dict[str, nn.Parameter]:
-        """Mark and return what trains in `stage` (CLARA_SPEC.md §5 table); everything else is frozen.
+        """Mark and return what trains in `stage` (docs/method.md#stages, the table); everything else is frozen.
 
         train_base=True also trains every base weight: NOT the method (its base is always frozen), but what
         a tiny model starting from random weights needs to learn anything in minutes (the CPU lab). The
@@ -269,7 +269,7 @@ class Clara(nn.Module):
         return ids.to(self.device), mask.to(self.device), truncated
 
     def compress(self, ids: torch.Tensor, mask: torch.Tensor, adapter: str = "encoder"):
-        """Encoder pass -> memory vectors (n, M, H) and the alignment loss (CLARA_SPEC.md §3).
+        """Encoder pass -> memory vectors (n, M, H) and the alignment loss (docs/method.md#losses).
 
         mse = mean over documents and hidden units of (mean_t∈mem h_t - mean_t∈text h_t)^2, where "text"
         is every real non-memory token (<ENC>, <s>, the document, </s>).
@@ -777,14 +777,14 @@ def checkpoint_dir(path: str | Path) -> Path:
     """The checkpoint folder a user means by `path`: the folder itself when it holds a checkpoint (ours or an
     official release), or the `checkpoint/` of a train.py run folder (`out/stage1` for `out/stage1/checkpoint`,
     the likeliest slip). Anything else is a FileNotFoundError that names what is there and what to pass."""
-    path = Path(path)
+    path = complete_dir(Path(path))  # path.old when a save was killed inside its swap
     is_ckpt = lambda p: (p / "clara_config.json").is_file() or (p / "adapters.pth").is_file()
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: CLaRa checkpoint directory does not exist")
     if is_ckpt(path):
         return path
-    if is_ckpt(path / "checkpoint"):  # a run folder holds exactly one checkpoint, under this name
-        return path / "checkpoint"
+    if is_ckpt(complete_dir(path / "checkpoint")):  # a run folder holds exactly one checkpoint, under this name
+        return complete_dir(path / "checkpoint")
     raise FileNotFoundError(f"{path}: not a CLaRa checkpoint: neither clara_config.json (this project) nor "
                             "adapters.pth (official release), and no checkpoint/ holding one (pass the "
                             "checkpoint folder, e.g. OUT/checkpoint of a train.py run)")
@@ -820,14 +820,18 @@ def _load_native(cls, path, base_model, dtype, device, compr_rate, training_stag
     saved_stage = cfg.training_stage
     if training_stage is not None:
         cfg.training_stage = training_stage
-    # The folder's own files first: a flipped byte, a truncated file or another run's tokenizer.json.
-    _check_hashes(path, meta.get("files_sha256"), "files_sha256", "; the checkpoint is corrupted or was altered")
     base = base_model or meta.get("base_model")
     if base == "base":  # the checkpoint carries its own base
         base = path / "base"
     if base is None or not Path(str(base)).is_dir():
         raise FileNotFoundError(f"{path}: base model {str(base)!r} is not a directory; pass base_model=DIR")
     base = Path(str(base))
+    # The folder's own files: a flipped byte, a truncated file or another run's tokenizer.json. A carried base/
+    # that base_model= replaces is not read, so not checked (the base actually used is, just below).
+    files = meta.get("files_sha256")
+    if isinstance(files, dict) and base != path / "base":
+        files = {k: v for k, v in files.items() if not str(k).startswith("base/")}
+    _check_hashes(path, files, "files_sha256", "; the checkpoint is corrupted or was altered")
     base_sha = meta.get("base_sha256")
     _check_hashes(base, base_sha, "base_sha256", f"; {base} is not the base decoder this checkpoint was trained "
                   "on (pass base_model=the original)")
@@ -884,7 +888,7 @@ def _assign_state(clara: Clara, sd: dict, where, adapters, required=()):
                 clara.mem_embeddings.copy_(v[:clara.cfg.n_mem])
 
 
-# The official released folders (CLARA_SPEC.md §8).
+# The official released folders (docs/method.md#checkpoints).
 OFFICIAL_ADAPTERS = {"encoder_adapter": "encoder", "decoder_adapter": "decoder", "query_reasoner_adapter": "query"}
 OFFICIAL_PROJ = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
                  "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",

@@ -4,7 +4,7 @@ Two sections, top to bottom:
 
     Prompt, ChatFormat, Tokenizer, left_pad      the model's conventions and chat format, text that stays text,
     train_tokenizer                              padding, a tiny BPE
-    validate_record, JsonlDataset, batches       the official JSONL formats (CLARA_SPEC.md §6), checked
+    validate_record, JsonlDataset, batches       the official JSONL formats (docs/method.md#data-formats), checked
                                                  record by record and streamed in a resumable, sharded order
 
 Command line: `python data.py check --stage S FILE...` validates files. The CPU lab's synthetic corpus
@@ -403,7 +403,7 @@ def train_tokenizer(texts, vocab_size: int = 1000, split_punctuation: bool = Fal
 
 # ---- readers: the official JSONL formats, validated, streamed --------------------------------------------
 #
-# One JSON object per line (CLARA_SPEC.md §6). Every record is checked and normalised to one fixed set of
+# One JSON object per line (docs/method.md#data-formats). Every record is checked and normalised to one fixed set of
 # keys before the model sees it, so that a malformed line fails loudly with its file, line and field
 # instead of training on garbage: the official loader, given "docs": "some text", iterates the string and
 # trains on single characters as documents.
@@ -468,7 +468,7 @@ def _answer(obj: dict, where: str) -> str:
     """The target of a stage-2/3 record, with the official fallbacks: answer, answers[0], golden_answers[0].
 
     `gold_answer` (str or list) comes last: the format documents it but the official loader rejects
-    records that carry only it (CLARA_SPEC.md §9); we take it.
+    records that carry only it (docs/method.md#known-defects); we take it.
     """
     if "answer" in obj:
         return _nonempty_str(obj, "answer", where, "answer")

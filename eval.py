@@ -12,7 +12,7 @@ What is here, top to bottom:
   reports       aggregate, the per-item JSONL, summary.json, markdown tables in the paper's layout
   main          the command line (also callable from tests: main(argv) returns the summary)
 
-Modes (CLARA_SPEC.md §7). k is --top-k, by default the checkpoint's generation_top_k.
+Modes (docs/method.md#evaluation). k is --top-k, by default the checkpoint's generation_top_k.
   compressed    stage 1/2 models: the FIRST k documents of each record are compressed (encoder adapter)
                 and the decoder adapter answers from their memory vectors. 128 new tokens.
   retrieval     stage-3 models: the query reasoner scores the record's N candidates (cosine with their
@@ -58,7 +58,7 @@ prediction, metrics, the indices of the documents read, retrieval ranking, token
 (scores in percent, retrieval metrics, cost, skipped records, settings), `results.md` (the tables printed
 at the end: one row per model/setting, one column per data set plus the average).
 
-Metrics (CLARA_SPEC.md section 7, the official definitions):
+Metrics (docs/method.md#metrics, the official definitions):
   normalize_answer   SQuAD-style answer normalisation, with "True"/"False" read as "yes"/"no"
   exact_match        normalised strings equal
   f1_score           SQuAD token F1, with the yes/no/noanswer rule
@@ -68,7 +68,7 @@ Metrics (CLARA_SPEC.md section 7, the official definitions):
 
 Answer metrics take one prediction and one or more gold answers. The usual convention, and our default,
 is the best score over the gold aliases; `first_only=True` (--first-gold-only) reproduces the official
-scoring, which looks at the first gold answer only (CLARA_SPEC.md section 9). Tables say which one they use.
+scoring, which looks at the first gold answer only (docs/method.md#known-defects). Tables say which one they use.
 
 Empty answers (a string that normalises to nothing, such as "" or "The."): every metric scores 1 when
 both sides are empty and 0 when only one is. This is SQuAD v2's rule for F1; SQuAD v1 scores two empty
@@ -363,7 +363,7 @@ def skip_report(errors: list[RecordError], examples: int = 3) -> dict:
 
 MODES = ("compressed", "retrieval", "text", "closed_book")
 RECALL_KS = (1, 3, 5)                      # the paper's retrieval table; the run's top-k is added
-MAX_NEW_TOKENS = {"compressed": 128, "retrieval": 64, "text": 128, "closed_book": 128}  # CLARA_SPEC.md §7
+MAX_NEW_TOKENS = {"compressed": 128, "retrieval": 64, "text": 128, "closed_book": 128}  # docs/method.md#evaluation
 
 
 def make_clock(device: torch.device):
@@ -633,7 +633,7 @@ def parse_args(argv=None):
     g.add_argument("--first-gold-only", action="store_true", help="score against the first gold answer only, as "
                    "the official code does (default: the best over all gold aliases)")
     g.add_argument("--max-new-tokens", type=int, default=None, help="generated tokens per answer (default: 64 in "
-                   "retrieval mode, 128 in the others, CLARA_SPEC.md §7)")
+                   "retrieval mode, 128 in the others, docs/method.md#evaluation)")
     g = p.add_argument_group("run")
     g.add_argument("--batch-size", type=int, default=8, help="questions per generation batch")
     g.add_argument("--doc-batch-size", type=int, default=64, help="documents per compression forward pass")

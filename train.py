@@ -55,7 +55,7 @@ from model import LoRAConfig, ModelConfig, PRESETS, Transformer
 
 ROOT = Path(__file__).resolve().parent
 
-# Official hyper-parameters (CLARA_SPEC.md §5); every one can be overridden on the command line.
+# Official hyper-parameters (docs/method.md#stages); every one can be overridden on the command line.
 STAGES = {
     # Stage 0 (plain LM pretraining of the base) has no official values: the paper starts from Mistral-7B.
     0: dict(lr=1e-3, min_lr=1e-4, schedule="cosine", warmup=0.03, global_batch=32, micro_batch=8, max_len=512,

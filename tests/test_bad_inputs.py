@@ -78,7 +78,7 @@ def run_eval(argv):
 
 def run_resume(env, clara, opt):
     try:
-        train.load_resume(clara, opt, SimpleNamespace(out=env.tmp, stage=1))
+        train.load_resume(clara, opt, SimpleNamespace(out=env.tmp, stage=1, defaults="official", run_record={}))
     except SystemExit as e:
         return 1, str(e.code)
     return 0, ""
@@ -363,7 +363,7 @@ def _(env):
       r"--resume: .*state.safetensors: missing or altered since it was saved")
 def _(env):
     def prepare(c, o):
-        train.save_all(c, o, SimpleNamespace(out=env.tmp, stage=1), 1, {"epoch": 0}, 0)
+        train.save_all(c, o, SimpleNamespace(out=env.tmp, stage=1, defaults="official", run_record={}), 1, {"epoch": 0}, 0)
         f = env.tmp / "resume" / "state.safetensors"
         f.write_bytes(f.read_bytes()[:-4] + b"\0\0\0\1")
     return resume_case(env, prepare)
@@ -373,7 +373,7 @@ def _(env):
       r"--resume: .*state.safetensors holds the state of other trainable parameters")
 def _(env):
     def prepare(c, o):
-        train.save_all(c, o, SimpleNamespace(out=env.tmp, stage=1), 1, {"epoch": 0}, 0)
+        train.save_all(c, o, SimpleNamespace(out=env.tmp, stage=1, defaults="official", run_record={}), 1, {"epoch": 0}, 0)
     return resume_case(env, prepare, trainable_base=True)
 
 

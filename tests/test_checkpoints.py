@@ -223,7 +223,7 @@ def trainer(base, tmp_path, seed=0):
     c.total_loss(c.loss(c.collate([{"data_type": "paraphrase", "question": [], "answers": ["Paris it is."],
                                      "docs": ["Paris is the capital of France."]}], stage=1), 1)).backward()
     opt.step()
-    return c, opt, SimpleNamespace(out=tmp_path, stage=1)
+    return c, opt, SimpleNamespace(out=tmp_path, stage=1, defaults="official", run_record={})
 
 
 def test_resume_state_round_trips_without_pickle(tiny_base, tmp_path):
