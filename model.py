@@ -227,15 +227,77 @@ class LoRALinear(nn.Module):
         self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, cfg.rank, device=device, dtype=dtype))
         self.lora[name] = cfg
 
+    save_less = True  # training: the lean backward below; False = plain autograd (same numbers, more memory)
+
     def forward(self, x: torch.Tensor, adapter: str | None = None) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
         if adapter is None:
-            return y
+            return F.linear(x, self.weight, self.bias)
         if adapter not in self.lora:
             raise KeyError(f"no LoRA adapter named {adapter!r}; this model has {sorted(self.lora)}")
         cfg, A, B = self.lora[adapter], self.lora_A[adapter], self.lora_B[adapter]
-        h = F.dropout(x.to(A.dtype), cfg.dropout, self.training)
+        p = cfg.dropout if self.training else 0.0
+        if self.save_less and torch.is_grad_enabled() and 0.0 <= p < 1.0:
+            return _LoRAFunction.apply(x, self.weight, self.bias, A, B, cfg.scale, p)
+        y = F.linear(x, self.weight, self.bias)
+        h = F.dropout(x.to(A.dtype), p, self.training)
         return y + (cfg.scale * F.linear(F.linear(h, A), B)).to(y.dtype)
+
+
+def _dropout_noise(keep: torch.Tensor, p: float, dtype) -> torch.Tensor:
+    """The multiplier of inverted dropout, 1/(1-p) where kept and 0 elsewhere, as F.dropout computes it."""
+    return keep.to(dtype).div_(1 - p)
+
+
+class _LoRAFunction(torch.autograd.Function):
+    """y = x W^T + b + s * B A dropout(x), with the same forward numbers as the plain path, keeping less.
+
+    Plain autograd keeps, for every projection, the dropout's fp32 multiplier and the dropped input (two
+    full copies of x, 8 bytes an element in fp32) although W is frozen. Here one projection keeps x itself
+    (shared by q, k and v, which read the same tensor; in the base's dtype, not upcast), the keep-mask as
+    bool (1 byte an element) and the rank-R product A h; h is rebuilt from x and the mask in backward.
+    The mask is drawn with the same random numbers as F.dropout (the CPU recipe: bernoulli noise / (1-p);
+    on accelerators the fused native_dropout that F.dropout uses there), so the forward is bit-identical.
+    """
+
+    @staticmethod
+    def forward(ctx, x, W, bias, A, B, scale, p):
+        y = F.linear(x, W, bias)
+        xa = x.to(A.dtype)
+        keep = None
+        if p > 0:
+            if xa.device.type == "cpu":
+                keep = torch.empty_like(xa).bernoulli_(1 - p) != 0
+                h = xa * _dropout_noise(keep, p, xa.dtype)
+            else:
+                h, keep = torch.native_dropout(xa, p, True)
+        else:
+            h = xa
+        z = F.linear(h, A)  # (..., R)
+        ctx.save_for_backward(x, W, A, B, z, keep)
+        ctx.scale, ctx.p, ctx.has_bias = scale, p, bias is not None
+        return y + (scale * F.linear(z, B)).to(y.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, W, A, B, z, keep = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        gs = g.to(A.dtype) * ctx.scale  # (..., out): the gradient reaching s * B A h
+        gz = gs @ B  # (..., R)
+        gB = gs.flatten(0, -2).T @ z.flatten(0, -2) if need[4] else None  # (out, R)
+        gx = gA = gW = gb = None
+        if need[0] or need[3]:
+            noise = _dropout_noise(keep, ctx.p, A.dtype) if keep is not None else None
+            if need[3]:
+                h = x.to(A.dtype) if noise is None else x.to(A.dtype) * noise  # (..., in), rebuilt
+                gA = gz.flatten(0, -2).T @ h.flatten(0, -2)  # (R, in)
+            if need[0]:
+                gh = gz @ A  # (..., in)
+                gx = g @ W + (gh if noise is None else gh * noise).to(x.dtype)
+        if need[1]:  # the base trains too (the CPU lab's train_base)
+            gW = g.flatten(0, -2).T @ x.flatten(0, -2)
+        if need[2] and ctx.has_bias:
+            gb = g.flatten(0, -2).sum(0)
+        return gx, gW, gb, gA, gB, None, None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -327,8 +389,27 @@ class MLP(nn.Module):
         self.up = LoRALinear(cfg.dim, cfg.intermediate_size)
         self.down = LoRALinear(cfg.intermediate_size, cfg.dim)
 
+    save_less = True  # training: keep gate and up outputs only, not silu(gate) too (same numbers)
+
     def forward(self, x, adapter):
-        return self.down(F.silu(self.gate(x, adapter)) * self.up(x, adapter), adapter)
+        g, u = self.gate(x, adapter), self.up(x, adapter)
+        if self.save_less and torch.is_grad_enabled():
+            return self.down(_SwiGLUFunction.apply(g, u), adapter)
+        return self.down(F.silu(g) * u, adapter)
+
+
+class _SwiGLUFunction(torch.autograd.Function):
+    """silu(g) * u keeping g and u (autograd would also keep silu(g): a third intermediate-wide tensor)."""
+
+    @staticmethod
+    def forward(ctx, g, u):
+        ctx.save_for_backward(g, u)
+        return F.silu(g) * u
+
+    @staticmethod
+    def backward(ctx, grad):
+        g, u = ctx.saved_tensors
+        return torch.ops.aten.silu_backward(grad * u, g), grad * F.silu(g)
 
 
 class Block(nn.Module):

@@ -500,3 +500,76 @@ def test_unsupported_family_features(tmp_path):
         (tmp_path / "config.json").write_text(json.dumps(config))
         with pytest.raises(ValueError, match=message):
             ModelConfig.from_hf(tmp_path / "config.json")
+
+
+# -- the lean backward (LoRALinear.save_less, MLP.save_less) ---------------------------------------------
+
+def _set_save_less(model, on: bool):
+    for m in model.modules():
+        if hasattr(m, "save_less"):
+            m.save_less = on
+
+
+@pytest.mark.parametrize("train_base", [False, True])
+def test_save_less_same_numbers_fewer_bytes(train_base):
+    """The lean LoRA / SwiGLU backward: the same forward bit for bit (dropout masks included), the same
+    gradients within fp32 rounding, and fewer bytes kept for backward than plain autograd."""
+    cfg = ModelConfig.from_preset("tiny", qkv_bias=True)  # biases on q/k/v: the frozen part of W x + b
+    m = Transformer(cfg).init_weights(seed=0, std=0.1)
+    m.requires_grad_(train_base).add_adapter("a", LoRAConfig(rank=4, alpha=8, dropout=0.1))
+    for layer in m.lora_layers():
+        layer.lora_B["a"].data.normal_(0, 0.1)
+    ids = torch.randint(0, 512, (2, 12))
+    runs = []
+    for lean in (False, True):
+        _set_save_less(m, lean)
+        m.zero_grad()
+        saved, seen = [0], {p.untyped_storage().data_ptr() for p in m.parameters()}
+
+        def pack(t):  # activation bytes: each storage once, the weights themselves not counted
+            if t.untyped_storage().data_ptr() not in seen:
+                seen.add(t.untyped_storage().data_ptr())
+                saved[0] += t.untyped_storage().nbytes()
+            return t
+        torch.manual_seed(5)  # the same dropout masks in both runs
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = m.train()(ids, adapter="a")
+        out.logsumexp(-1).mean().backward()
+        grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+        runs.append((out.detach(), grads, saved[0]))
+    (out0, g0, b0), (out1, g1, b1) = runs
+    torch.testing.assert_close(out1, out0, atol=0, rtol=0)
+    assert set(g1) == set(g0) and len(g0) == (len(list(m.parameters())) if train_base else 7 * 2 * cfg.n_layers)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], atol=1e-6, rtol=1e-5, msg=n)
+    assert b1 < 0.75 * b0, (b1, b0)
+    _set_save_less(m, True)
+
+
+def test_save_less_bf16_base_fp32_adapters():
+    """A bf16 base with fp32 adapters: the same forward bits as plain autograd, and adapter gradients no
+    further from an fp32 reference than plain autograd's (bf16 rounds the sums of the branches' gradients
+    in whatever order they arrive, so the two bf16 runs differ in the last bits)."""
+    ref = Transformer(ModelConfig.from_preset("tiny")).init_weights(seed=0, std=0.1)
+    ref.requires_grad_(False).add_adapter("a", LoRAConfig(rank=4, alpha=8, dropout=0.1))
+    for layer in ref.lora_layers():
+        layer.lora_B["a"].data.normal_(0, 0.1)
+    m = Transformer(ModelConfig.from_preset("tiny")).to(torch.bfloat16)
+    m.requires_grad_(False).add_adapter("a", LoRAConfig(rank=4, alpha=8, dropout=0.1))
+    m.load_state_dict(ref.state_dict())  # bf16 base (rounded), the same fp32 adapters
+    ref.load_state_dict(m.state_dict())  # the reference: those rounded weights, computed in fp32
+    ids = torch.randint(0, 512, (2, 10))
+
+    def run(model, lean):
+        _set_save_less(model, lean)
+        model.zero_grad()
+        torch.manual_seed(2)  # the same dropout masks everywhere
+        out = model.train()(ids, adapter="a")
+        out.float().logsumexp(-1).mean().backward()
+        _set_save_less(model, True)
+        return out.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    (o_plain, g_plain), (o_lean, g_lean), (_, g_ref) = run(m, False), run(m, True), run(ref, False)
+    torch.testing.assert_close(o_lean, o_plain, atol=0, rtol=0)
+    for p, l, r in zip(g_plain, g_lean, g_ref):
+        assert l.dtype == torch.float32
+        assert (l - r).abs().max() <= 2 * (p - r).abs().max() + 1e-6
