@@ -3,7 +3,8 @@
 What is here, top to bottom:
   ModelConfig     the shape of the network, read from a Hugging Face `config.json` (Mistral, Llama incl.
                   Llama-3's `llama3` RoPE scaling, Qwen2/Qwen2.5, Qwen3) or taken from a named preset
-  LoRALinear      a frozen nn.Linear with any number of named low-rank adapters; one is active per call
+  LoRALinear      a frozen nn.Linear (+ bias) with any number of named low-rank adapters; one is active
+                  per call; its training backward keeps each input once (`_LoRAFunction`)
   Transformer     RMSNorm pre-norm blocks, rotary embeddings (HF rotate-half layout), grouped-query
                   attention through `kernels.attention`, SwiGLU MLP; `from_pretrained` loads HF safetensors
   KVCache         preallocated keys/values for decoding

@@ -18,9 +18,9 @@ backward of `Clara.loss`, in its own process, since a peak RSS only ever grows:
   time    wall seconds of the step per sample (noisy on a shared machine: compare rows of one run)
 
 Modes: plain = LoRALinear.save_less = MLP.save_less = False (the behaviour before the lean backward);
-lean = the default; lean+mmap = lean with MALLOC_MMAP_THRESHOLD_=131072 in the environment (glibc then
-maps every block over 128 KiB on its own and returns it when freed: no retained heap); ckpt = lean with
-activation checkpointing (train.py --activation_checkpointing). --count-only skips the backward and the
+lean = the default; +mmap = with MALLOC_MMAP_THRESHOLD_=131072 in the environment (glibc then maps every
+block over 128 KiB on its own and returns it when freed: no retained heap); ckpt = lean with activation
+checkpointing (train.py --activation-checkpointing). --count-only skips the backward and the
 peak, for micro-batches too big for the machine (saved bytes need only the forward).
 """
 import argparse
@@ -31,6 +31,7 @@ import resource
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import torch
@@ -43,7 +44,7 @@ from model import ModelConfig, Transformer  # noqa: E402
 SMOLLM2_135M = dict(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64,
                     intermediate_size=1536, norm_eps=1e-5, rope_theta=100000.0, tie_embeddings=True,
                     dtype="float32")
-MODES = ("plain", "lean", "lean+mmap", "ckpt")
+MODES = ("plain", "lean", "plain+mmap", "lean+mmap", "ckpt")
 
 
 def child(a):
@@ -60,7 +61,7 @@ def child(a):
     clara = Clara(model, tok, ClaraConfig(doc_max_length=a.doc_len, compr_rate=a.rate))
     clara.trainable_parameters(1)
     clara.train()
-    lean = a.mode != "plain"
+    lean = not a.mode.startswith("plain")
     for m in clara.modules():
         if hasattr(m, "save_less"):
             m.save_less = lean
@@ -69,12 +70,14 @@ def child(a):
              "answers": [text(8) for _ in range(a.qa_pairs)], "docs": [text(2 * a.doc_len)]} for _ in range(B)]
     batch = clara.collate(recs, 1)
     weights = {p.untyped_storage().data_ptr() for p in clara.parameters()}
-    seen, saved = set(), [0]
+    seen, saved = {}, [0]  # storage address -> a weak reference to the tensor counted for it
 
     def pack(t):
         ptr = t.untyped_storage().data_ptr()
-        if ptr not in weights and ptr not in seen:
-            seen.add(ptr)
+        # An address counts again only once the tensor counted for it is gone (count-only keeps nothing,
+        # so a freed activation's memory is reused by later ones).
+        if ptr not in weights and (ptr not in seen or seen[ptr]() is None):
+            seen[ptr] = weakref.ref(t)
             saved[0] += t.untyped_storage().nbytes()
         return None if a.count_only else t  # count-only: keep nothing, there is no backward
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
@@ -116,7 +119,7 @@ def main():
             base = None
             for mode in a.modes:
                 env = dict(os.environ)
-                if mode == "lean+mmap":
+                if mode.endswith("+mmap"):
                     env["MALLOC_MMAP_THRESHOLD_"] = "131072"
                 cmd = [sys.executable, __file__, "--child", "--mode", mode, "--batch", str(b), "--rate", str(r),
                        "--doc-len", str(a.doc_len), "--qa-pairs", str(a.qa_pairs), "--threads", str(a.threads)]
