@@ -1,15 +1,21 @@
-"""A Mistral-compatible decoder-only transformer in plain PyTorch, with named LoRA adapters and generation.
+"""A Llama-family decoder-only transformer in plain PyTorch, with named LoRA adapters and generation.
 
 What is here, top to bottom:
-  ModelConfig     the shape of the network, read from a Hugging Face `config.json` (Mistral or Llama) or
-                  taken from a named preset (`tiny`, `mistral-7b`)
-  LoRALinear      a frozen nn.Linear with any number of named low-rank adapters; one is active per call
+  ModelConfig     the shape of the network, read from a Hugging Face `config.json` (Mistral, Llama incl.
+                  Llama-3's `llama3` RoPE scaling, Qwen2/Qwen2.5, Qwen3) or taken from a named preset
+  LoRALinear      a frozen nn.Linear (+ bias) with any number of named low-rank adapters; one is active
+                  per call; its training backward keeps each input once (`_LoRAFunction`)
   Transformer     RMSNorm pre-norm blocks, rotary embeddings (HF rotate-half layout), grouped-query
                   attention through `kernels.attention`, SwiGLU MLP; `from_pretrained` loads HF safetensors
   KVCache         preallocated keys/values for decoding
   generate        batched greedy / temperature + top-p sampling from ids or from input embeddings
 
 What is not here: anything CLaRa-specific (memory tokens, prompts, losses live in clara.py).
+
+The four families differ only in small switches of one network: Qwen2 adds biases to the q/k/v
+projections, Qwen3 RMS-normalises each query and key head before RoPE, Llama-3 rescales the RoPE
+frequencies, Mistral may slide its attention window. Everything else (pre-norm RMSNorm blocks, SwiGLU,
+rotate-half RoPE, grouped-query attention, tied or untied lm_head) is shared.
 
 The parameter names are our own (short, gpt-fast style); `HF_KEYS` is the one table that maps them to
 Hugging Face checkpoint keys, so loading is a pure rename: the rotate-half RoPE layout of HF is kept, and
@@ -48,7 +54,12 @@ class ModelConfig:
     norm_eps: float = 1e-5           # RMSNorm epsilon
     rope_theta: float = 1e6          # RoPE base
     sliding_window: int | None = None  # Mistral sliding-window attention (None = full causal)
-    tie_embeddings: bool = False     # lm_head shares the input embedding matrix (small Llamas)
+    tie_embeddings: bool = False     # lm_head shares the input embedding matrix (small Llamas, Qwens)
+    qkv_bias: bool = False           # q/k/v projections have a bias (Qwen2 always; Llama/Qwen3 attention_bias)
+    o_bias: bool = False             # the output projection has one too (Llama/Qwen3 attention_bias only)
+    qk_norm: bool = False            # Qwen3: RMSNorm over each query and key head (D wide) before RoPE
+    rope_scaling: dict | None = None  # Llama-3 frequency scaling: factor, low_freq_factor, high_freq_factor,
+                                      # original_max_position_embeddings (None = plain RoPE)
     bos_id: int = 1
     eos_id: int = 2
     dtype: str = "bfloat16"          # the checkpoint's dtype, used when from_pretrained gets dtype=None
@@ -70,7 +81,7 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, path: str | Path) -> "ModelConfig":
-        """Read an HF `config.json` (MistralForCausalLM or LlamaForCausalLM, old or new key style)."""
+        """Read an HF `config.json` (Mistral, Llama, Qwen2, Qwen3; old or new key style)."""
         path = Path(path)
         try:
             c = json.loads(path.read_text())
@@ -80,26 +91,35 @@ class ModelConfig:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
         arch = (c.get("architectures") or [None])[0]
         mtype = c.get("model_type")
-        if arch not in ("MistralForCausalLM", "LlamaForCausalLM") and mtype not in ("mistral", "llama"):
+        family = FAMILIES.get(arch) or (mtype if mtype in FAMILIES.values() else None)
+        if family is None:
             raise ValueError(f"{path}: unsupported architecture {arch!r} (model_type {mtype!r}); "
-                             "expected MistralForCausalLM or LlamaForCausalLM")
+                             f"expected one of {', '.join(FAMILIES)}")
         act = c.get("hidden_act", "silu")
         if act != "silu":
             raise ValueError(f"{path}: hidden_act {act!r} is not supported (SwiGLU needs 'silu')")
-        for flag in ("attention_bias", "mlp_bias"):
-            if c.get(flag):
-                raise ValueError(f"{path}: {flag}=true is not supported (Mistral/Llama have no biases)")
-        # RoPE: old style has top-level rope_theta (+ rope_scaling), new style a rope_parameters dict.
-        rope = c.get("rope_parameters") or {}
-        scaling = c.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
-        if rope_type != "default":
-            raise ValueError(f"{path}: rope type {rope_type!r} is not supported (only plain RoPE)")
-        theta = rope.get("rope_theta", c.get("rope_theta", 10000.0))
+        if c.get("mlp_bias"):
+            raise ValueError(f"{path}: mlp_bias=true is not supported (the MLP projections have no bias)")
+        # Biases: Qwen2 hard-codes q/k/v biases and no o bias (its config has no switch); Llama and Qwen3
+        # put a bias on all four projections when attention_bias is set; Mistral has none.
+        if family == "mistral" and c.get("attention_bias"):
+            raise ValueError(f"{path}: attention_bias=true is not supported for Mistral (it has no biases)")
+        attention_bias = bool(c.get("attention_bias")) and family in ("llama", "qwen3")
+        qkv_bias = family == "qwen2" or attention_bias
+        # Sliding window: Mistral applies its window to every layer. Qwen applies one only when
+        # use_sliding_window is set, and then only to the layers from max_window_layers on: not supported.
+        window = c.get("sliding_window") if family == "mistral" else None
+        if family != "mistral":
+            if c.get("use_sliding_window"):
+                raise ValueError(f"{path}: use_sliding_window=true is not supported (per-layer sliding "
+                                 "windows); only full attention")
+            kinds = set(c.get("layer_types") or ["full_attention"])
+            if kinds != {"full_attention"}:
+                raise ValueError(f"{path}: layer_types {sorted(kinds)} is not supported (only 'full_attention')")
+        theta, scaling = _rope_from_hf(path, c)
         eos = c.get("eos_token_id", 2)
         n_heads = c["num_attention_heads"]
         dim = c["hidden_size"]
-        window = c.get("sliding_window") if mtype == "mistral" or arch == "MistralForCausalLM" else None
         return cls(
             vocab_size=c["vocab_size"], dim=dim, n_layers=c["num_hidden_layers"], n_heads=n_heads,
             n_kv_heads=c.get("num_key_value_heads") or n_heads,
@@ -107,10 +127,45 @@ class ModelConfig:
             intermediate_size=c["intermediate_size"], norm_eps=c.get("rms_norm_eps", 1e-6),
             rope_theta=float(theta), sliding_window=window,
             tie_embeddings=bool(c.get("tie_word_embeddings", False)),
+            qkv_bias=qkv_bias, o_bias=attention_bias, qk_norm=family == "qwen3", rope_scaling=scaling,
             bos_id=c.get("bos_token_id", 1) if c.get("bos_token_id") is not None else 1,
             eos_id=(eos[0] if isinstance(eos, list) else eos) if eos is not None else 2,
             dtype=str(c.get("dtype") or c.get("torch_dtype") or "float32"),
         )
+
+
+# HF architecture -> model_type; the family decides the bias pattern and whether q/k are normalised.
+FAMILIES = {"MistralForCausalLM": "mistral", "LlamaForCausalLM": "llama",
+            "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
+LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def _rope_from_hf(path: Path, c: dict) -> tuple[float, dict | None]:
+    """(theta, llama3 scaling or None) from a config dict. Old style: top-level rope_theta plus an optional
+    rope_scaling dict; new style (transformers >= 5): one rope_parameters dict holding both."""
+    key = "rope_parameters" if c.get("rope_parameters") else "rope_scaling"
+    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise ValueError(f"{path}: {key} must be an object, got {rope!r}")
+    if "full_attention" in rope:  # nested per layer type (models mixing attention kinds)
+        raise ValueError(f"{path}: {key} nested per layer type is not supported")
+    theta = rope.get("rope_theta", c.get("rope_theta", 10000.0))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    partial = rope.get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise ValueError(f"{path}: partial_rotary_factor {partial} is not supported (RoPE on the whole head only)")
+    if rope_type == "default":
+        return theta, None
+    if rope_type != "llama3":
+        raise ValueError(f"{path}: {key}.rope_type {rope_type!r} is not supported (only plain RoPE and 'llama3')")
+    # HF falls back to max_position_embeddings when original_max_position_embeddings is absent.
+    rope = {"original_max_position_embeddings": c.get("max_position_embeddings"), **rope}
+    missing = [k for k in LLAMA3_KEYS if rope.get(k) is None]
+    if missing:
+        raise ValueError(f"{path}: {key} of rope_type 'llama3' lacks {missing[0]!r}")
+    scaling = {k: float(rope[k]) for k in LLAMA3_KEYS}
+    scaling["original_max_position_embeddings"] = int(rope["original_max_position_embeddings"])
+    return theta, scaling
 
 
 PRESETS = {
@@ -150,13 +205,15 @@ class LoRALinear(nn.Module):
 
     A starts like nn.Linear (kaiming-uniform, a = sqrt(5)) and B at zero, so a new adapter changes nothing
     until it trains. The adapter branch runs in the adapters' own dtype (fp32 by default, so a bf16 base
-    can carry fp32 trainable weights) and is cast back to the base's dtype.
+    can carry fp32 trainable weights) and is cast back to the base's dtype. A bias (Qwen's q/k/v) is part
+    of the frozen base W, not of the adapter.
     """
 
-    def __init__(self, in_features: int, out_features: int):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         self.lora: dict[str, LoRAConfig] = {}
@@ -171,15 +228,77 @@ class LoRALinear(nn.Module):
         self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, cfg.rank, device=device, dtype=dtype))
         self.lora[name] = cfg
 
+    save_less = True  # training: the lean backward below; False = plain autograd (same numbers, more memory)
+
     def forward(self, x: torch.Tensor, adapter: str | None = None) -> torch.Tensor:
-        y = F.linear(x, self.weight)
         if adapter is None:
-            return y
+            return F.linear(x, self.weight, self.bias)
         if adapter not in self.lora:
             raise KeyError(f"no LoRA adapter named {adapter!r}; this model has {sorted(self.lora)}")
         cfg, A, B = self.lora[adapter], self.lora_A[adapter], self.lora_B[adapter]
-        h = F.dropout(x.to(A.dtype), cfg.dropout, self.training)
+        p = cfg.dropout if self.training else 0.0
+        if self.save_less and torch.is_grad_enabled() and 0.0 <= p < 1.0:
+            return _LoRAFunction.apply(x, self.weight, self.bias, A, B, cfg.scale, p)
+        y = F.linear(x, self.weight, self.bias)
+        h = F.dropout(x.to(A.dtype), p, self.training)
         return y + (cfg.scale * F.linear(F.linear(h, A), B)).to(y.dtype)
+
+
+def _dropout_noise(keep: torch.Tensor, p: float, dtype) -> torch.Tensor:
+    """The multiplier of inverted dropout, 1/(1-p) where kept and 0 elsewhere, as F.dropout computes it."""
+    return keep.to(dtype).div_(1 - p)
+
+
+class _LoRAFunction(torch.autograd.Function):
+    """y = x W^T + b + s * B A dropout(x), with the same forward numbers as the plain path, keeping less.
+
+    Plain autograd keeps, for every projection, the dropout's fp32 multiplier and the dropped input (two
+    full copies of x, 8 bytes an element in fp32) although W is frozen. Here one projection keeps x itself
+    (shared by q, k and v, which read the same tensor; in the base's dtype, not upcast), the keep-mask as
+    bool (1 byte an element) and the rank-R product A h; h is rebuilt from x and the mask in backward.
+    The mask is drawn with the same random numbers as F.dropout (the CPU recipe: bernoulli noise / (1-p);
+    on accelerators the fused native_dropout that F.dropout uses there), so the forward is bit-identical.
+    """
+
+    @staticmethod
+    def forward(ctx, x, W, bias, A, B, scale, p):
+        y = F.linear(x, W, bias)
+        xa = x.to(A.dtype)
+        keep = None
+        if p > 0:
+            if xa.device.type == "cpu":
+                keep = torch.empty_like(xa).bernoulli_(1 - p) != 0
+                h = xa * _dropout_noise(keep, p, xa.dtype)
+            else:
+                h, keep = torch.native_dropout(xa, p, True)
+        else:
+            h = xa
+        z = F.linear(h, A)  # (..., R)
+        ctx.save_for_backward(x, W, A, B, z, keep)
+        ctx.scale, ctx.p, ctx.has_bias = scale, p, bias is not None
+        return y + (scale * F.linear(z, B)).to(y.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, W, A, B, z, keep = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        gs = g.to(A.dtype) * ctx.scale  # (..., out): the gradient reaching s * B A h
+        gz = gs @ B  # (..., R)
+        gB = gs.flatten(0, -2).T @ z.flatten(0, -2) if need[4] else None  # (out, R)
+        gx = gA = gW = gb = None
+        if need[0] or need[3]:
+            noise = _dropout_noise(keep, ctx.p, A.dtype) if keep is not None else None
+            if need[3]:
+                h = x.to(A.dtype) if noise is None else x.to(A.dtype) * noise  # (..., in), rebuilt
+                gA = gz.flatten(0, -2).T @ h.flatten(0, -2)  # (R, in)
+            if need[0]:
+                gh = gz @ A  # (..., in)
+                gx = g @ W + (gh if noise is None else gh * noise).to(x.dtype)
+        if need[1]:  # the base trains too (the CPU lab's train_base)
+            gW = g.flatten(0, -2).T @ x.flatten(0, -2)
+        if need[2] and ctx.has_bias:
+            gb = g.flatten(0, -2).sum(0)
+        return gx, gW, gb, gA, gB, None, None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -199,9 +318,31 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None, device=None) -> torch.Tensor:
+    """The D/2 rotary frequencies theta^(-2i/D), fp32; with Llama-3 scaling, slowed down at low frequency.
+
+    Llama-3 scaling (its `llama3` rope type): a frequency whose wavelength is longer than the pretraining
+    context / low_freq_factor is divided by `factor`; one shorter than context / high_freq_factor is kept;
+    those in between are interpolated smoothly between the two. Same operations, in the same order, as
+    transformers' version, so the fp32 angles agree bit for bit.
+    """
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)  # (D/2,)
+    if scaling is None:
+        return inv_freq
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    context = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > context / low, inv_freq / factor, inv_freq)
+    smooth = (context / wavelen - low) / (high - low)  # 0 at the low-frequency edge, 1 at the high one
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < context / high) * ~(wavelen > context / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype,
+                 scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of the rotary angles, (B, 1, T, D), in HF's rotate-half layout (the two halves repeat)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    inv_freq = rope_inv_freq(head_dim, theta, scaling, positions.device)  # (D/2,)
     angles = positions.float()[..., None] * inv_freq  # (B, T, D/2)
     angles = torch.cat([angles, angles], dim=-1)[:, None]  # (B, 1, T, D)
     return angles.cos().to(dtype), angles.sin().to(dtype)
@@ -217,16 +358,20 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.wq = LoRALinear(cfg.dim, cfg.n_heads * cfg.head_dim)
-        self.wk = LoRALinear(cfg.dim, cfg.n_kv_heads * cfg.head_dim)
-        self.wv = LoRALinear(cfg.dim, cfg.n_kv_heads * cfg.head_dim)
-        self.wo = LoRALinear(cfg.n_heads * cfg.head_dim, cfg.dim)
+        self.wq = LoRALinear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wk = LoRALinear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wv = LoRALinear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wo = LoRALinear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.o_bias)
+        # Qwen3 normalises every head of q and k on its own (one D-wide weight shared by the heads), which
+        # bounds the attention logits; Identity elsewhere, so the other families have no extra parameters.
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
 
     def forward(self, x, cos, sin, key_mask, adapter, cache, layer):
         B, T, _ = x.shape
         D = self.cfg.head_dim
-        q = self.wq(x, adapter).view(B, T, -1, D).transpose(1, 2)  # (B, Hq, T, D)
-        k = self.wk(x, adapter).view(B, T, -1, D).transpose(1, 2)  # (B, Hkv, T, D)
+        q = self.q_norm(self.wq(x, adapter).view(B, T, -1, D)).transpose(1, 2)  # (B, Hq, T, D)
+        k = self.k_norm(self.wk(x, adapter).view(B, T, -1, D)).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.wv(x, adapter).view(B, T, -1, D).transpose(1, 2)  # (B, Hkv, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
@@ -245,8 +390,27 @@ class MLP(nn.Module):
         self.up = LoRALinear(cfg.dim, cfg.intermediate_size)
         self.down = LoRALinear(cfg.intermediate_size, cfg.dim)
 
+    save_less = True  # training: keep gate and up outputs only, not silu(gate) too (same numbers)
+
     def forward(self, x, adapter):
-        return self.down(F.silu(self.gate(x, adapter)) * self.up(x, adapter), adapter)
+        g, u = self.gate(x, adapter), self.up(x, adapter)
+        if self.save_less and torch.is_grad_enabled():
+            return self.down(_SwiGLUFunction.apply(g, u), adapter)
+        return self.down(F.silu(g) * u, adapter)
+
+
+class _SwiGLUFunction(torch.autograd.Function):
+    """silu(g) * u keeping g and u (autograd would also keep silu(g): a third intermediate-wide tensor)."""
+
+    @staticmethod
+    def forward(ctx, g, u):
+        ctx.save_for_backward(g, u)
+        return F.silu(g) * u
+
+    @staticmethod
+    def backward(ctx, grad):
+        g, u = ctx.saved_tensors
+        return torch.ops.aten.silu_backward(grad * u, g), grad * F.silu(g)
 
 
 class Block(nn.Module):
@@ -273,6 +437,12 @@ HF_KEYS = {
     "layers.{}.attention.wk.weight": "model.layers.{}.self_attn.k_proj.weight",
     "layers.{}.attention.wv.weight": "model.layers.{}.self_attn.v_proj.weight",
     "layers.{}.attention.wo.weight": "model.layers.{}.self_attn.o_proj.weight",
+    "layers.{}.attention.wq.bias": "model.layers.{}.self_attn.q_proj.bias",  # Qwen2 (and attention_bias)
+    "layers.{}.attention.wk.bias": "model.layers.{}.self_attn.k_proj.bias",
+    "layers.{}.attention.wv.bias": "model.layers.{}.self_attn.v_proj.bias",
+    "layers.{}.attention.wo.bias": "model.layers.{}.self_attn.o_proj.bias",  # attention_bias only
+    "layers.{}.attention.q_norm.weight": "model.layers.{}.self_attn.q_norm.weight",  # Qwen3
+    "layers.{}.attention.k_norm.weight": "model.layers.{}.self_attn.k_norm.weight",
     "layers.{}.mlp.gate.weight": "model.layers.{}.mlp.gate_proj.weight",
     "layers.{}.mlp.up.weight": "model.layers.{}.mlp.up_proj.weight",
     "layers.{}.mlp.down.weight": "model.layers.{}.mlp.down_proj.weight",
@@ -285,6 +455,24 @@ def hf_key(name: str) -> str:
     if parts[0] == "layers":
         return HF_KEYS["layers.{}." + ".".join(parts[2:])].format(parts[1])
     return HF_KEYS[name]
+
+
+def hf_family(c: ModelConfig) -> str:
+    """The HF model_type that expresses a config (what save_pretrained writes). Without Qwen or Llama-3
+    features it is Mistral, whose config covers plain Llamas too (the sliding window is just None)."""
+    if c.qk_norm:
+        family = "qwen3"
+    elif c.qkv_bias and not c.o_bias:
+        family = "qwen2"
+    elif c.o_bias or c.rope_scaling:
+        family = "llama"
+    else:
+        return "mistral"
+    if c.qkv_bias != c.o_bias and family != "qwen2":
+        raise ValueError(f"ModelConfig: qkv_bias={c.qkv_bias} with o_bias={c.o_bias} has no HF architecture")
+    if c.sliding_window is not None:
+        raise ValueError(f"ModelConfig: sliding_window together with {family} features has no HF architecture")
+    return family
 
 
 class Transformer(nn.Module):
@@ -318,7 +506,7 @@ class Transformer(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None,
                         device: str | torch.device | None = None) -> "Transformer":
-        """Load an HF Mistral/Llama directory: config.json + model.safetensors or sharded safetensors.
+        """Load an HF Mistral/Llama/Qwen2/Qwen3 directory: config.json + model.safetensors or shards.
 
         The model is built on the meta device (no memory), and each checkpoint tensor is converted and
         assigned in place of its meta parameter, so the weights exist once. Every checkpoint tensor must be
@@ -369,12 +557,17 @@ class Transformer(nn.Module):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         c = self.cfg
-        config = {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "vocab_size": vocab_size or c.vocab_size,
+        family = hf_family(c)
+        arch = next(a for a, f in FAMILIES.items() if f == family)
+        config = {"architectures": [arch], "model_type": family, "vocab_size": vocab_size or c.vocab_size,
                   "hidden_size": c.dim, "num_hidden_layers": c.n_layers, "num_attention_heads": c.n_heads,
                   "num_key_value_heads": c.n_kv_heads, "head_dim": c.head_dim, "intermediate_size": c.intermediate_size,
                   "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta, "sliding_window": c.sliding_window,
                   "tie_word_embeddings": c.tie_embeddings, "bos_token_id": c.bos_id, "eos_token_id": c.eos_id,
                   "hidden_act": "silu", "torch_dtype": str(self.tok_embeddings.weight.dtype).replace("torch.", "")}
+        if family != "mistral":  # the keys a plain Mistral config has never carried
+            config.update(attention_bias=c.o_bias, use_sliding_window=False,
+                          rope_scaling={"rope_type": "llama3", **c.rope_scaling} if c.rope_scaling else None)
         if state is None:  # `state`: our parameter names -> tensors, e.g. gathered from FSDP shards
             state = {n: p.detach() for n, p in self.named_parameters() if "lora_" not in n}
         state = {hf_key(n): t.contiguous().cpu() for n, t in state.items()
@@ -469,7 +662,7 @@ class Transformer(nn.Module):
             key_mask = attention_mask.bool()
             if bool(key_mask.all()):
                 key_mask = None  # nothing padded: let attention take its fast causal path
-        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype, self.cfg.rope_scaling)
         for i, layer in enumerate(self.layers):
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, x, cos, sin, key_mask, adapter, cache, i, use_reentrant=False)

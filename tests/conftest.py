@@ -59,8 +59,16 @@ def tiny_base(tmp_path_factory):
     return path
 
 
+# Llama-3.x RoPE scaling with a pretraining context of 64 positions, so that the 8 frequencies of a
+# 16-wide head fall in all three regimes: wavelength below 64/4 kept, above 64/1 divided, between smoothed.
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64, "rope_theta": 500000.0}
+
+
 def write_hf_model(path: Path, arch: str = "mistral", seed: int = 0, shard: bool = False, **overrides):
-    """Save a tiny random MistralForCausalLM / LlamaForCausalLM to `path`; returns the HF model (fp32)."""
+    """Save a tiny random HF model to `path`; returns the HF model (fp32). arch: mistral (sliding window 8),
+    llama (tied, head_dim 24), llama3 (its RoPE scaling, attention biases), qwen2 (q/k/v biases, tied),
+    qwen3 (q/k norms, head_dim 24, untied)."""
     import transformers
     torch.manual_seed(seed)
     common = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -69,14 +77,28 @@ def write_hf_model(path: Path, arch: str = "mistral", seed: int = 0, shard: bool
     if arch == "mistral":
         cfg = transformers.MistralConfig(**{**common, "sliding_window": 8, "rope_theta": 10000.0, **overrides})
         model = transformers.MistralForCausalLM(cfg)
-    else:
+    elif arch == "llama":
         cfg = transformers.LlamaConfig(**{**common, "tie_word_embeddings": True, "head_dim": 24, **overrides})
         model = transformers.LlamaForCausalLM(cfg)
+    elif arch == "llama3":
+        cfg = transformers.LlamaConfig(**{**common, "rope_parameters": dict(LLAMA3_ROPE), "attention_bias": True,
+                                          **overrides})
+        model = transformers.LlamaForCausalLM(cfg)
+    elif arch == "qwen2":
+        cfg = transformers.Qwen2Config(**{**common, "tie_word_embeddings": True, "rope_theta": 1e6, **overrides})
+        model = transformers.Qwen2ForCausalLM(cfg)
+    elif arch == "qwen3":
+        cfg = transformers.Qwen3Config(**{**common, "head_dim": 24, "tie_word_embeddings": False, **overrides})
+        model = transformers.Qwen3ForCausalLM(cfg)
+    else:
+        raise ValueError(f"write_hf_model: unknown arch {arch!r}")
     model = model.float().eval()
     # HF initialises with std 0.02; widen it so that random logits are far from ties (a fairer test).
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "norm" not in n:
                 p.normal_(0, 0.1)
+            elif arch not in ("mistral", "llama"):  # norms away from 1 too, so a swapped q/k norm shows
+                p.normal_(1, 0.1)
     model.save_pretrained(path, max_shard_size="20KB" if shard else "5GB", safe_serialization=True)
     return model

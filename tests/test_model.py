@@ -320,3 +320,256 @@ def test_activation_checkpointing_really_saves_memory():
         return total[0]
     plain, ckpt = saved_bytes(False), saved_bytes(True)
     assert ckpt < 0.5 * plain, (ckpt, plain)
+
+
+# -- more of the family: Llama-3 RoPE scaling, Qwen2 (q/k/v biases), Qwen3 (q/k norms) ------------------
+
+@pytest.fixture(scope="module", params=["llama3", "qwen2", "qwen3"])
+def family(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param)
+    hf = write_hf_model(path, arch=request.param)
+    ours = Transformer.from_pretrained(path, dtype=torch.float32).eval()
+    return request.param, hf, ours, path
+
+
+def test_family_config_and_parameters(family):
+    arch, _, ours, _ = family
+    c = ours.cfg
+    attn = ours.layers[0].attention
+    expect = {"llama3": dict(qkv_bias=True, o_bias=True, qk_norm=False, tie_embeddings=False, head_dim=16),
+              "qwen2": dict(qkv_bias=True, o_bias=False, qk_norm=False, tie_embeddings=True, head_dim=16),
+              "qwen3": dict(qkv_bias=False, o_bias=False, qk_norm=True, tie_embeddings=False, head_dim=24)}[arch]
+    assert {k: getattr(c, k) for k in expect} == expect
+    assert (attn.wq.bias is not None) == c.qkv_bias and (attn.wo.bias is not None) == c.o_bias
+    assert isinstance(attn.q_norm, torch.nn.Identity) != c.qk_norm
+    assert (ours.output.weight is ours.tok_embeddings.weight) == c.tie_embeddings
+    assert c.sliding_window is None
+    if arch == "llama3":
+        assert c.rope_scaling == {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                  "original_max_position_embeddings": 64} and c.rope_theta == 500000.0
+    else:
+        assert c.rope_scaling is None
+
+
+def test_family_logits_match_transformers(family):
+    _, hf, ours, _ = family
+    ids = torch.randint(3, 300, (2, 30))
+    rows = [torch.randint(3, 300, (n,)).tolist() for n in (17, 9, 13)]
+    pids, mask = left_pad(rows)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), hf(ids).logits, atol=ATOL, rtol=0)
+        out, ref = ours(pids, attention_mask=mask), hf(pids, attention_mask=mask).logits
+        for b, r in enumerate(rows):
+            n = len(r)
+            torch.testing.assert_close(out[b, -n:], ref[b, -n:], atol=ATOL, rtol=0)
+            torch.testing.assert_close(out[b, -n:], ours(torch.tensor([r]))[0], atol=ATOL, rtol=0)
+
+
+def test_family_greedy_generation_matches_transformers(family):
+    _, hf, ours, _ = family
+    rows = [torch.randint(3, 300, (n,)).tolist() for n in (7, 12)]
+    ids, mask = left_pad(rows)
+    ref = hf.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, eos_token_id=2,
+                      pad_token_id=1)[:, ids.shape[1]:].tolist()
+    ref = [r[:r.index(2)] if 2 in r else r for r in ref]
+    out = generate(ours, ids, mask, max_new_tokens=20, eos_id=2)
+    assert out == ref
+    assert sum(map(len, out)) >= 20
+
+
+def test_family_lora_on_biased_and_normed_projections(family):
+    """LoRA adds B A x on top of the frozen W x + b; biases and q/k norms are base weights, never trained."""
+    arch, _, ours, _ = family
+    m = Transformer(ours.cfg).init_weights(seed=1, std=0.1)  # a copy: the fixture stays adapter-free
+    m.load_state_dict(ours.state_dict())
+    m.requires_grad_(False).add_adapter("enc", LoRAConfig(rank=4, alpha=8, dropout=0.0))
+    ids = torch.randint(3, 300, (2, 10))
+    with torch.no_grad():
+        base = m(ids)
+        torch.testing.assert_close(m(ids, adapter="enc"), base, atol=0, rtol=0)  # B = 0
+        for layer in m.lora_layers():
+            layer.lora_B["enc"].normal_(0, 0.1)
+        wq = m.layers[0].attention.wq
+        x = torch.randn(3, wq.in_features)
+        bias = wq.bias if wq.bias is not None else 0.0
+        ref = x @ wq.weight.T + bias + 2.0 * (x @ wq.lora_A["enc"].T) @ wq.lora_B["enc"].T
+        torch.testing.assert_close(wq(x, "enc"), ref, atol=1e-5, rtol=1e-5)
+    m.train()(ids, adapter="enc").logsumexp(-1).mean().backward()
+    for n, p in m.named_parameters():
+        assert (p.grad is not None) == n.endswith(".enc"), n
+        if n.endswith("lora_A.enc"):
+            assert p.grad.abs().sum() > 0, n
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert len(trainable) == 7 * 2 * m.cfg.n_layers
+    base_names = {n for n, _ in m.named_parameters() if "lora_" not in n}
+    assert any(n.endswith(".bias") for n in base_names) == m.cfg.qkv_bias
+    assert any("q_norm" in n for n in base_names) == m.cfg.qk_norm
+
+
+def test_family_save_pretrained_round_trip(family, tmp_path):
+    """save_pretrained writes the family's own config: transformers and we read back the same network."""
+    import transformers
+    arch, hf, ours, _ = family
+    ours.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == ("llama" if arch == "llama3" else arch)
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    ids = torch.randint(3, 300, (1, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, hf(ids).logits, atol=ATOL, rtol=0)
+        torch.testing.assert_close(Transformer.from_pretrained(tmp_path, dtype=torch.float32)(ids), ours(ids),
+                                   atol=0, rtol=0)
+
+
+def test_llama3_rope_frequencies_equal_transformers(tmp_path):
+    """Bit-identical inverse frequencies, and the fixture really exercises the three regimes of the scaling."""
+    from model import rope_inv_freq
+    hf = write_hf_model(tmp_path, arch="llama3")
+    c = ModelConfig.from_hf(tmp_path / "config.json")
+    scaled = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling)
+    assert torch.equal(scaled, hf.model.rotary_emb.inv_freq)
+    plain = rope_inv_freq(c.head_dim, c.rope_theta)
+    ratio = plain / scaled  # 1 = kept (high frequency), 8 = divided (low), in between = smoothed
+    assert (ratio == 1).any() and (ratio == 8).any() and ((ratio > 1.01) & (ratio < 7.99)).any()
+
+
+# Real configs as published (old key style: top-level rope_theta, rope_scaling), abridged to what is read.
+REAL_CONFIGS = {
+    "Llama-3.2-1B": ({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "attention_bias": False,
+                      "bos_token_id": 128000, "eos_token_id": 128001, "head_dim": 64, "hidden_act": "silu",
+                      "hidden_size": 2048, "intermediate_size": 8192, "max_position_embeddings": 131072,
+                      "mlp_bias": False, "num_attention_heads": 32, "num_hidden_layers": 16,
+                      "num_key_value_heads": 8, "rms_norm_eps": 1e-5,
+                      "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                                       "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+                      "rope_theta": 500000.0, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+                      "vocab_size": 128256},
+                     dict(qkv_bias=False, qk_norm=False, tie_embeddings=True, head_dim=64, rope_theta=500000.0,
+                          rope_scaling={"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                        "original_max_position_embeddings": 8192})),
+    "Qwen2.5-0.5B-Instruct": ({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "bos_token_id": 151643,
+                               "eos_token_id": 151645, "hidden_act": "silu", "hidden_size": 896,
+                               "intermediate_size": 4864, "max_position_embeddings": 32768, "max_window_layers": 21,
+                               "num_attention_heads": 14, "num_hidden_layers": 24, "num_key_value_heads": 2,
+                               "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "sliding_window": 32768,
+                               "tie_word_embeddings": True, "torch_dtype": "bfloat16", "use_sliding_window": False,
+                               "vocab_size": 151936},
+                              dict(qkv_bias=True, o_bias=False, qk_norm=False, tie_embeddings=True, head_dim=64,
+                                   sliding_window=None, rope_scaling=None, eos_id=151645)),
+    "Qwen3-0.6B": ({"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "attention_bias": False,
+                    "bos_token_id": 151643, "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu",
+                    "hidden_size": 1024, "intermediate_size": 3072, "max_position_embeddings": 40960,
+                    "max_window_layers": 28, "num_attention_heads": 16, "num_hidden_layers": 28,
+                    "num_key_value_heads": 8, "rms_norm_eps": 1e-6, "rope_scaling": None, "rope_theta": 1000000,
+                    "sliding_window": None, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+                    "use_sliding_window": False, "vocab_size": 151936},
+                   dict(qkv_bias=False, o_bias=False, qk_norm=True, head_dim=128, rope_theta=1e6, rope_scaling=None)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REAL_CONFIGS))
+def test_real_family_configs(name, tmp_path):
+    config, expect = REAL_CONFIGS[name]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    c = ModelConfig.from_hf(tmp_path / "config.json")
+    assert {k: getattr(c, k) for k in expect} == expect
+
+
+def test_unsupported_family_features(tmp_path):
+    """Each unsupported architecture or setting is one error naming config.json and the key."""
+    base = REAL_CONFIGS["Llama-3.2-1B"][0]
+    qwen = REAL_CONFIGS["Qwen2.5-0.5B-Instruct"][0]
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+    cases = [
+        ({**base, "architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2"},
+         r"config\.json: unsupported architecture 'Gemma2ForCausalLM' \(model_type 'gemma2'\)"),
+        ({**base, "architectures": None, "model_type": "phi3"}, r"config\.json: unsupported architecture None"),
+        ({**base, "rope_scaling": yarn}, r"config\.json: rope_scaling\.rope_type 'yarn' is not supported"),
+        ({**base, "rope_scaling": {"type": "linear", "factor": 2.0}},
+         r"config\.json: rope_scaling\.rope_type 'linear' is not supported"),
+        ({**base, "rope_scaling": None, "rope_parameters": {**yarn, "rope_theta": 1e4}},
+         r"config\.json: rope_parameters\.rope_type 'yarn' is not supported"),
+        ({**base, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0}},
+         r"config\.json: rope_scaling of rope_type 'llama3' lacks 'high_freq_factor'"),
+        ({**base, "partial_rotary_factor": 0.5}, r"config\.json: partial_rotary_factor 0\.5 is not supported"),
+        ({**base, "mlp_bias": True}, r"config\.json: mlp_bias=true is not supported"),
+        ({**qwen, "use_sliding_window": True}, r"config\.json: use_sliding_window=true is not supported"),
+        ({**qwen, "layer_types": ["sliding_attention"] * 24}, r"config\.json: layer_types \['sliding_attention'\]"),
+    ]
+    for config, message in cases:
+        (tmp_path / "config.json").write_text(json.dumps(config))
+        with pytest.raises(ValueError, match=message):
+            ModelConfig.from_hf(tmp_path / "config.json")
+
+
+# -- the lean backward (LoRALinear.save_less, MLP.save_less) ---------------------------------------------
+
+def _set_save_less(model, on: bool):
+    for m in model.modules():
+        if hasattr(m, "save_less"):
+            m.save_less = on
+
+
+@pytest.mark.parametrize("train_base", [False, True])
+def test_save_less_same_numbers_fewer_bytes(train_base):
+    """The lean LoRA / SwiGLU backward: the same forward bit for bit (dropout masks included), the same
+    gradients within fp32 rounding, and fewer bytes kept for backward than plain autograd."""
+    cfg = ModelConfig.from_preset("tiny", qkv_bias=True)  # biases on q/k/v: the frozen part of W x + b
+    m = Transformer(cfg).init_weights(seed=0, std=0.1)
+    m.requires_grad_(train_base).add_adapter("a", LoRAConfig(rank=4, alpha=8, dropout=0.1))
+    for layer in m.lora_layers():
+        layer.lora_B["a"].data.normal_(0, 0.1)
+    ids = torch.randint(0, 512, (2, 12))
+    runs = []
+    for lean in (False, True):
+        _set_save_less(m, lean)
+        m.zero_grad()
+        saved, seen = [0], {p.untyped_storage().data_ptr() for p in m.parameters()}
+
+        def pack(t):  # activation bytes: each storage once, the weights themselves not counted
+            if t.untyped_storage().data_ptr() not in seen:
+                seen.add(t.untyped_storage().data_ptr())
+                saved[0] += t.untyped_storage().nbytes()
+            return t
+        torch.manual_seed(5)  # the same dropout masks in both runs
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = m.train()(ids, adapter="a")
+        out.logsumexp(-1).mean().backward()
+        grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+        runs.append((out.detach(), grads, saved[0]))
+    (out0, g0, b0), (out1, g1, b1) = runs
+    torch.testing.assert_close(out1, out0, atol=0, rtol=0)
+    assert set(g1) == set(g0) and len(g0) == (len(list(m.parameters())) if train_base else 7 * 2 * cfg.n_layers)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], atol=1e-6, rtol=1e-5, msg=n)
+    assert b1 < 0.75 * b0, (b1, b0)
+    _set_save_less(m, True)
+
+
+def test_save_less_bf16_base_fp32_adapters():
+    """A bf16 base with fp32 adapters: the same forward bits as plain autograd, and adapter gradients no
+    further from an fp32 reference than plain autograd's (bf16 rounds the sums of the branches' gradients
+    in whatever order they arrive, so the two bf16 runs differ in the last bits)."""
+    ref = Transformer(ModelConfig.from_preset("tiny")).init_weights(seed=0, std=0.1)
+    ref.requires_grad_(False).add_adapter("a", LoRAConfig(rank=4, alpha=8, dropout=0.1))
+    for layer in ref.lora_layers():
+        layer.lora_B["a"].data.normal_(0, 0.1)
+    m = Transformer(ModelConfig.from_preset("tiny")).to(torch.bfloat16)
+    m.requires_grad_(False).add_adapter("a", LoRAConfig(rank=4, alpha=8, dropout=0.1))
+    m.load_state_dict(ref.state_dict())  # bf16 base (rounded), the same fp32 adapters
+    ref.load_state_dict(m.state_dict())  # the reference: those rounded weights, computed in fp32
+    ids = torch.randint(0, 512, (2, 10))
+
+    def run(model, lean):
+        _set_save_less(model, lean)
+        model.zero_grad()
+        torch.manual_seed(2)  # the same dropout masks everywhere
+        out = model.train()(ids, adapter="a")
+        out.float().logsumexp(-1).mean().backward()
+        _set_save_less(model, True)
+        return out.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    (o_plain, g_plain), (o_lean, g_lean), (_, g_ref) = run(m, False), run(m, True), run(ref, False)
+    torch.testing.assert_close(o_lean, o_plain, atol=0, rtol=0)
+    for p, l, r in zip(g_plain, g_lean, g_ref):
+        assert l.dtype == torch.float32
+        assert (l - r).abs().max() <= 2 * (p - r).abs().max() + 1e-6
