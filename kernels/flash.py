@@ -82,11 +82,10 @@ if INTERPRET:
                           "environment (or import kernels.flash before anything imports triton), or use "
                           "backend='sdpa'")
 
-from kernels import check_inputs, visibility_mask  # noqa: E402
+from kernels import (KERNEL_DTYPES as SUPPORTED_DTYPES, MAX_GRID_Y, MAX_HEAD_DIM, MIN_HEAD_DIM,  # noqa: E402
+                     check_inputs, visibility_mask)
 
 LOG2E = 1.4426950408889634  # log2(e) = 1/ln(2): exp(x) == exp2(x * LOG2E)
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128  # tl.dot needs inner dimensions >= 16; 128 bounds registers and SRAM
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -485,9 +484,6 @@ class FlashAttention(torch.autograd.Function):
         _bwd_dq_kernel[grid_q](q, k, v, do, lse, delta, dq, kpm,
                                *q.stride(), *k.stride(), *v.stride(), *do.stride(), **args)
         return dq, dk, dv, None, None, None, None
-
-
-MAX_GRID_Y = 65535  # CUDA's limit on the second grid dimension, which holds batch x heads
 
 
 def flash_attention(q, k, v, causal=True, key_padding_mask=None, window=None, scale=None):
