@@ -239,7 +239,8 @@ def test_whole_model_forward_backward_triton_equals_sdpa():
     m.requires_grad_(False).add_adapter("a", LoRAConfig(rank=4, dropout=0.0))
     for layer in m.lora_layers():
         layer.lora_B["a"].data.normal_(0, 0.05)
-    ids = torch.randint(0, 512, (2, 19))
+    m.to(DEVICE, torch.float32)  # fp32 on purpose (the 1e-5 tolerance); compiled kernel on CUDA, interpreter on CPU
+    ids = torch.randint(0, 512, (2, 19)).to(DEVICE)
     mask = torch.ones_like(ids)
     mask[1, :7] = 0  # left padding
     results = []

@@ -18,7 +18,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 import lab_retrieval  # noqa: E402
 
 FAST = ["--global-batch", "8", "--micro-batch", "8", "--doc-len", "64", "--compr-rate", "16", "--max-len", "256",
-        "--lora-dropout", "0", "--log-every", "1", "--max-steps", "2", "--vocab-size", "400"]
+        "--lora-dropout", "0", "--log-every", "1", "--max-steps", "2", "--vocab-size", "400",
+        "--device", "cpu"]  # explicit: on a GPU machine the default would be CUDA + bf16
 
 
 @pytest.fixture(scope="module")
