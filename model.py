@@ -6,7 +6,8 @@ What is here, top to bottom:
   LoRALinear      a frozen nn.Linear with any number of named low-rank adapters; one is active per call
   Transformer     RMSNorm pre-norm blocks, rotary embeddings (HF rotate-half layout), grouped-query
                   attention through `kernels.attention`, SwiGLU MLP; `from_pretrained` loads HF safetensors
-  KVCache         preallocated keys/values for decoding
+  KVCache         static preallocated keys/values (gpt-fast style: index_copy_ at a slot tensor)
+  decode_step     the per-token step of generation, compilable (generate(..., compile=True))
   generate        batched greedy / temperature + top-p sampling from ids or from input embeddings
 
 What is not here: anything CLaRa-specific (memory tokens, prompts, losses live in clara.py).
@@ -545,8 +546,8 @@ class KVCache:
 
     A static cache, as gpt-fast decodes: the buffers are allocated once for prompt + new tokens and never
     change shape. Two ways in:
-      prefill (any call of Transformer.forward with a cache): T tokens are appended at `length`, and
-          attention sees the cache up to them (slot) views, length grows by T;
+      prefill (any call of Transformer.forward with a cache): T tokens are written at slots `length` ..
+          `length + T - 1`, attention sees views of the slots up to the last of them, length grows by T;
       decoding (`begin_decoding`, then `decode_step`): one token per step is written with index_copy_ at
           the buffer slot `slot`, a (1,) tensor, so the step has no Python integer that changes from
           token to token; compiled, it attends to the whole buffer with a mask that hides the slots not

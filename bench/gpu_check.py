@@ -855,7 +855,8 @@ def part_d(st, md, end):
     md.append(f"{shape}, batch 1, {'bf16' if CUDA else 'fp32'}, prompt {prompt} tokens, greedy, no EOS; per-token time = "
               f"(t({long_n} new) - t({short_n} new)) / {long_n - short_n}. Weight-streaming roofline "
               f"{st['roofline_tokens_s'] or float('nan'):.0f} tokens/s ({weight_bytes / 2**30:.1f} GiB per token).\n")
-    md.append("| attention (prefill) | decode tokens/s | ms/token | generate(128) s | generate(8) s | warm-up s |")
+    md.append(f"| attention (prefill) | decode tokens/s | ms/token | generate({long_n}) s | generate({short_n}) s | "
+              "warm-up s |")
     md.append("|---|---:|---:|---:|---:|---:|")
     rows = st.setdefault("rows", [])
     variants = [("triton", False), ("sdpa", False)] + ([("sdpa", True)] if CUDA else [])

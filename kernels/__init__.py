@@ -34,6 +34,11 @@ this table is the one place where the rules are written down:
 "error" is a ValueError of one line naming the reason. `backend="sdpa"` always runs SDPA. The
 environment variable CLARA_ATTENTION=sdpa|triton stands for `backend` in every call that passes none
 (outside torch.compile, where it is not read: a compiled region takes the default column).
+
+Decoding one token against a KV cache does not come through `attention`: `decode_attention` takes the
+cache's additive mask (causality, padding and the window folded in by model.KVCache) and always runs
+SDPA, one plain call per KV head with the group's query heads as its rows (the kernel would fill one of
+its 32+ tile rows per head there).
 """
 import os
 
