@@ -11,6 +11,7 @@ import kernels
 import kernels.flash as flash
 
 F32, BF16, F16, F64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the decode tests below use CPU tensors on purpose
 CUDA_OK = dict(device_type="cuda", dtype=BF16, head_dim=128, batch=8, heads=32)  # Mistral-7B in bf16
 
 
@@ -82,14 +83,16 @@ def spy(monkeypatch):
 
 
 def test_attention_follows_the_decision_on_real_tensors(spy, monkeypatch):
-    q = torch.randn(1, 2, 8, 16)
+    """fp32 on this machine's device: SDPA by default (CPU, or fp32 on CUDA), the kernel when forced (the
+    interpreter on CPU, compiled on CUDA); unsupported shapes and dtypes: SDPA, or an error when forced."""
+    q = torch.randn(1, 2, 8, 16, device=DEVICE)
     kernels.attention(q, q, q)
-    assert spy == []  # CPU default: SDPA
+    assert spy == []
     kernels.attention(q, q, q, backend="triton")
-    assert spy == [1]  # forced: the interpreter runs the kernel
+    assert spy == [1]
     for shape, dtype, why in [((1, 2, 8, 8), F32, "head dim 8"), ((1, 2, 8, 256), F32, "head dim 256"),
                               ((1, 2, 8, 16), F64, "float64"), ((65536, 1, 1, 16), F32, "grid limit")]:
-        x = torch.randn(shape, dtype=dtype)
+        x = torch.randn(shape, dtype=dtype, device=DEVICE)
         kernels.attention(x, x, x)  # the default always has a path
         with pytest.raises(ValueError, match=why):
             kernels.attention(x, x, x, backend="triton")
