@@ -860,6 +860,7 @@ def part_d(st, md, end):
     md.append("|---|---:|---:|---:|---:|---:|")
     rows = st.setdefault("rows", [])
     variants = [("triton", False), ("sdpa", False)] + ([("sdpa", True)] if CUDA else [])
+    tokens = {}  # attention -> the greedy tokens of its last long generation
     for backend, compiled in variants:
         os.environ["CLARA_ATTENTION"] = backend
         row = dict(attention=backend + (" + compile=True" if compiled else ""))
@@ -880,13 +881,20 @@ def part_d(st, md, end):
                 sync()
                 best[n] = min(best.get(n, 1e9), time.perf_counter() - t)
                 assert len(out[0]) == n
+                if n == long_n:
+                    tokens[row["attention"]] = out[0]
+            if compiled and "sdpa" in tokens:  # greedy, same prompt: how many leading tokens agree with eager
+                same = tokens["sdpa"], tokens[row["attention"]]
+                row["tokens_equal_eager"] = next((i for i, (a_, b_) in enumerate(zip(*same)) if a_ != b_), len(same[0]))
             per_tok = (best[long_n] - best[short_n]) / (long_n - short_n)
             if per_tok <= 0:  # noise (CPU dry run): fall back to the plain average
                 per_tok = best[long_n] / long_n
                 row["noisy"] = True
             row.update(ms_per_token=1e3 * per_tok, tokens_s=1 / per_tok, t_long_s=best[long_n], t_short_s=best[short_n])
             md.append(f"| {row['attention']} | {row['tokens_s']:.1f} | {row['ms_per_token']:.2f} | {row['t_long_s']:.2f} | "
-                      f"{row['t_short_s']:.2f} | {row['warmup_s']} |")
+                      f"{row['t_short_s']:.2f} | {row['warmup_s']} |"
+                      + (f" first {row['tokens_equal_eager']} of {long_n} tokens equal eager sdpa's |"
+                         if "tokens_equal_eager" in row else ""))
         except PartTimeout:
             raise
         except Exception as e:  # noqa: BLE001
