@@ -118,13 +118,32 @@ INTERPRETER_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32}
 TUNING_KEY = ["T_BUCKET", "S_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_WINDOW"]
 
 
+def _prune(configs, named_args, **kwargs):
+    """The configs worth compiling for one call (the autotuner compiles and times each, one after another).
+
+    A tile longer than the whole (power-of-two bucket of the) sequence only computes padding: a BLOCK_M
+    beyond T_BUCKET or a BLOCK_N beyond S_BUCKET is skipped, so short sequences compile fewer configs.
+    fp32 inputs keep the first config (32 x 32) alone: bigger fp32 tiles spill or overflow shared memory,
+    and the dispatcher sends fp32 to SDPA unless the kernel is forced. The first config always stays."""
+    q = named_args.get("Q")
+    if q is not None and q.dtype == torch.float32:
+        return configs[:1]
+    T, S = kwargs.get("T_BUCKET", named_args.get("T_BUCKET")), kwargs.get("S_BUCKET", named_args.get("S_BUCKET"))
+    if T is None or S is None:
+        return configs
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(32, T) and c.kwargs["BLOCK_N"] <= max(32, S)]
+    return kept or configs[:1]
+
+
 def _tuned(configs):
     """Autotune a kernel over configs on CUDA; under the interpreter leave it alone (INTERPRETER_BLOCKS).
 
     Every tuned kernel writes each output element exactly once and never accumulates into its output, so
     the autotuner's repeated benchmark launches leave the results correct."""
     def decorate(kernel):
-        return kernel if INTERPRET else triton.autotune(configs=configs, key=TUNING_KEY)(kernel)
+        if INTERPRET:
+            return kernel
+        return triton.autotune(configs=configs, key=TUNING_KEY, prune_configs_by={"early_config_prune": _prune})(kernel)
     return decorate
 
 
