@@ -269,7 +269,7 @@ def test_autotune_pruning_keeps_only_tiles_that_fit_the_call():
     assert flash._prune(flash.FWD_CONFIGS, bf16, T_BUCKET=4096, S_BUCKET=4096) == flash.FWD_CONFIGS
     assert tiles(flash._prune(flash.FWD_CONFIGS, bf16, T_BUCKET=1, S_BUCKET=512)) == [(32, 32)]
     assert tiles(flash._prune(flash.FWD_CONFIGS, bf16, T_BUCKET=64, S_BUCKET=64)) == [(32, 32), (64, 64)]
-    assert tiles(flash._prune(flash.BWD_CONFIGS, bf16, T_BUCKET=32, S_BUCKET=64)) == [(32, 32), (32, 64)]
+    assert tiles(flash._prune(flash.DKDV_CONFIGS, bf16, T_BUCKET=32, S_BUCKET=64)) == [(32, 32), (32, 64)]
     fp32 = dict(Q=torch.empty(0, dtype=torch.float32))
-    assert flash._prune(flash.BWD_CONFIGS, fp32, T_BUCKET=4096, S_BUCKET=4096) == flash.BWD_CONFIGS[:1]
+    assert flash._prune(flash.DQ_CONFIGS, fp32, T_BUCKET=4096, S_BUCKET=4096) == flash.DQ_CONFIGS[:1]
     assert flash._prune(flash.FWD_CONFIGS, {}) == flash.FWD_CONFIGS  # no bucket arguments: nothing pruned
