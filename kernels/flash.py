@@ -101,7 +101,8 @@ def _config(block_m, block_n, num_warps, num_stages):
 # Chosen by compiling ahead of time for sm_90 and sm_80 without a GPU (bench/aot_compile.py, Triton 3.7.1,
 # bf16, D = 128, causal + key padding mask at the CLaRa document shape, the most register-hungry variant)
 # and keeping only tiles that neither spill registers on either architecture nor overflow an A100's shared
-# memory (BENCHMARKS.md has the table); not yet ranked by measurement on a GPU. 32 x 32 comes first in
+# memory (BENCHMARKS.md has the table; the one exception: dQ 128 x 64 spills 4 B on sm_80 for unpadded
+# non-causal attention); not yet ranked by measurement on a GPU. 32 x 32 comes first in
 # every list: the fallback that fits fp32 inputs at D = 128, and the one tile short sequences keep (_prune).
 # Forward: one (BLOCK_M, D) query tile and its fp32 accumulator stay resident while key tiles stream by
 # (dropped: 128 x 128 / 8 warps, 84 B spilled on sm_90 with a padding mask).
