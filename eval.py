@@ -378,15 +378,17 @@ def make_clock(device: torch.device):
 
 
 @contextmanager
-def forward_times(module: torch.nn.Module, clock):
-    """Record the clock before and after every forward call of `module` -> {"start": [...], "end": [...]}.
+def forward_times(model: torch.nn.Module, clock):
+    """Record the clock when each pass through the decoder starts and ends -> {"start": [...], "end": [...]}.
 
-    Inside `model.generate`, the first call is the prefill over the whole prompt and every later call one
-    decode step, so these two lists split a generation into prefill and decode without touching model.py.
+    Inside `model.generate`, the first pass is the prefill over the whole prompt and every later one a
+    decode step (model.decode_step, which runs the blocks without Transformer.forward), so these two lists
+    split a generation into prefill and decode without touching model.py. A pass starts in the first block
+    and ends in the final norm, the two modules every pass runs (embedding and LM head are ~free here).
     """
     times = {"start": [], "end": []}
-    pre = module.register_forward_pre_hook(lambda *_: times["start"].append(clock()))
-    post = module.register_forward_hook(lambda *_: times["end"].append(clock()))
+    pre = model.layers[0].register_forward_pre_hook(lambda *_: times["start"].append(clock()))
+    post = model.norm.register_forward_hook(lambda *_: times["end"].append(clock()))
     try:
         yield times
     finally:

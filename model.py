@@ -7,7 +7,8 @@ What is here, top to bottom:
                   per call; its training backward keeps each input once (`_LoRAFunction`)
   Transformer     RMSNorm pre-norm blocks, rotary embeddings (HF rotate-half layout), grouped-query
                   attention through `kernels.attention`, SwiGLU MLP; `from_pretrained` loads HF safetensors
-  KVCache         preallocated keys/values for decoding
+  KVCache         static preallocated keys/values (gpt-fast style: index_copy_ at a slot tensor)
+  decode_step     the per-token step of generation, compilable (generate(..., compile=True))
   generate        batched greedy / temperature + top-p sampling from ids or from input embeddings
 
 What is not here: anything CLaRa-specific (memory tokens, prompts, losses live in clara.py).
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+import weakref
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -375,9 +377,11 @@ class Attention(nn.Module):
         v = self.wv(x, adapter).view(B, T, -1, D).transpose(1, 2)  # (B, Hkv, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(layer, k, v)  # (B, Hkv, S, D), S = cached + T
-        # GQA: the kernel maps query head h to kv head h // (Hq / Hkv); K/V are never repeated here.
-        y = kernels.attention(q, k, v, causal=True, key_padding_mask=key_mask, window=self.cfg.sliding_window)
+            k, v = cache.update(layer, k, v)  # (B, Hkv, S, D), S = cached + T (decoding: see KVCache)
+        if cache is not None and cache.slot is not None:  # one token: key_mask is the cache's additive mask
+            y = kernels.decode_attention(q, k, v, key_mask)
+        else:  # GQA: the kernel maps query head h to kv head h // (Hq / Hkv); K/V are never repeated here.
+            y = kernels.attention(q, k, v, causal=True, key_padding_mask=key_mask, window=self.cfg.sliding_window)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1), adapter)  # (B, T, H)
 
 
@@ -731,7 +735,17 @@ def read_safetensors(path: Path) -> _Tensors:
 # KV cache and generation
 
 class KVCache:
-    """Preallocated keys and values of every layer, plus the key padding mask of what is cached."""
+    """Preallocated keys and values of every layer, plus the key padding mask of what is cached.
+
+    A static cache, as gpt-fast decodes: the buffers are allocated once for prompt + new tokens and never
+    change shape. Two ways in:
+      prefill (any call of Transformer.forward with a cache): T tokens are written at slots `length` ..
+          `length + T - 1`, attention sees views of the slots up to the last of them, length grows by T;
+      decoding (`begin_decoding`, then `decode_step`): one token per step is written with index_copy_ at
+          the buffer slot `slot`, a (1,) tensor, so the step has no Python integer that changes from
+          token to token; compiled, it attends to the whole buffer with a mask that hides the slots not
+          yet written and those outside the sliding window, eager, to a view of the visible slots.
+    Rows are left padded, so every row writes the same slot at every step."""
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype):
         shape = (cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim)
@@ -739,6 +753,21 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.mask = torch.zeros(batch, max_len, device=device, dtype=torch.bool)
         self.length = 0  # tokens cached so far (same for every row: padding is on the left)
+        self.window = cfg.sliding_window
+        # decoding (see begin_decoding): the additive mask (0 = real key, -inf = padding or not written)
+        self.bias = torch.full((batch, max_len), float("-inf"), device=device, dtype=dtype)
+        self.slot = None  # (1,) long tensor, the slot of the token being decoded
+        self.whole_buffer = False  # attend to the whole buffer (compiled) or to a view of the visible slots
+        self.slots = torch.arange(max_len, device=device)
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[3]
+
+    def reset(self):
+        """Empty the cache for a new generation; the buffers are kept (their addresses too)."""
+        self.mask.zero_()
+        self.length, self.slot = 0, None
 
     def extend_mask(self, attention_mask, T):
         new = attention_mask.bool() if attention_mask is not None else True
@@ -746,12 +775,80 @@ class KVCache:
         return self.mask[:, :self.length + T]  # (B, S)
 
     def update(self, layer, k, v):
+        """Store this layer's new keys/values (B, Hkv, T, D); returns the keys/values attention sees."""
+        if self.slot is not None:  # decoding one token (gpt-fast's index_copy_ into the static buffer)
+            kc, vc = self.k[layer], self.v[layer]  # (B, Hkv, max_len, D)
+            kc.index_copy_(2, self.slot, k)
+            vc.index_copy_(2, self.slot, v)
+            if self.whole_buffer:
+                return kc, vc
+            start, stop = self._visible()
+            return kc[:, :, start:stop], vc[:, :, start:stop]
         T = k.shape[2]
-        if self.length + T > self.k.shape[3]:
-            raise RuntimeError(f"KVCache: {self.length + T} tokens exceed its capacity {self.k.shape[3]}")
+        if self.length + T > self.capacity:
+            raise RuntimeError(f"KVCache: {self.length + T} tokens exceed its capacity {self.capacity}")
         self.k[layer, :, :, self.length:self.length + T] = k
         self.v[layer, :, :, self.length:self.length + T] = v
         return self.k[layer, :, :, :self.length + T], self.v[layer, :, :, :self.length + T]
+
+    def begin_decoding(self, whole_buffer: bool):
+        """Switch from prefill to one-token decoding at slot `length` (a tensor from now on)."""
+        self.slot = torch.tensor([self.length], device=self.mask.device)
+        self.whole_buffer = whole_buffer
+        self.bias.fill_(float("-inf")).masked_fill_(self.mask, 0.0)  # in place: the buffer keeps its address
+
+    def _visible(self) -> tuple[int, int]:
+        """Eager decoding: the slots the token at `length` sees (its sliding window, itself included)."""
+        stop = self.length + 1
+        return (0 if self.window is None else max(0, stop - self.window)), stop
+
+    def decode_mask(self) -> torch.Tensor:
+        """Make the slot being decoded a real key; the additive mask (B, S) of the keys its token sees. It
+        holds causality (slots not yet written are -inf), left padding and the sliding window."""
+        self.bias.index_fill_(1, self.slot, 0.0)
+        if self.whole_buffer:  # compiled: S = capacity, no Python integer that changes between tokens
+            if self.window is not None and self.window < self.capacity:
+                return self.bias.masked_fill(self.slots <= self.slot - self.window, float("-inf"))
+            return self.bias
+        start, stop = self._visible()
+        return self.bias[:, start:stop]
+
+
+def decode_step(model: "Transformer", tok, cos, sin, cache: KVCache, adapter=None) -> torch.Tensor:
+    """One token per row through the model at cache.slot: tok (B,), cos/sin (B, 1, 1, D) of its positions
+    -> (B, V) float logits. The per-token work of generate; free of host syncs and of Python integers that
+    change between tokens when cache.whole_buffer is set, so torch.compile can capture it (CUDA graphs)."""
+    x = model.tok_embeddings(tok[:, None])  # (B, 1, H)
+    key_mask = cache.decode_mask()
+    for i, layer in enumerate(model.layers):
+        x = layer(x, cos, sin, key_mask, adapter, cache, i)
+    return model.output(model.norm(x[:, -1])).float()
+
+
+_COMPILED = {}  # torch.compile'd decode_step, one per mode
+_STATIC_CACHES = weakref.WeakKeyDictionary()  # model -> {(batch, capacity, dtype, device): KVCache}
+
+
+def _compiled_decode_step(device):
+    mode = "default" if device.type == "cpu" else "reduce-overhead"  # reduce-overhead = CUDA graphs
+    if mode not in _COMPILED:
+        _COMPILED[mode] = torch.compile(decode_step, mode=mode, fullgraph=True, dynamic=False)
+    return _COMPILED[mode]
+
+
+def _static_cache(model, batch, capacity, device, dtype) -> KVCache:
+    """The cache of compiled generation, kept with the model for the next call of the same shape: the
+    compiled step (and its CUDA graph) is specialised to these buffers, new ones would mean a new compile.
+    Capacity is rounded up to a multiple of 256 so that prompts of different lengths share one compile."""
+    capacity = -(-capacity // 256) * 256
+    caches = _STATIC_CACHES.setdefault(model, {})
+    key = (batch, capacity, dtype, str(device))
+    if key not in caches:
+        caches[key] = cache = KVCache(model.cfg, batch, capacity, device, dtype)
+        for t in (cache.k, cache.v, cache.mask, cache.bias):
+            torch._dynamo.mark_static_address(t)
+    caches[key].reset()
+    return caches[key]
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> torch.Tensor:
@@ -771,13 +868,16 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
 @torch.inference_mode()
 def generate(model: Transformer, input_ids=None, attention_mask=None, inputs_embeds=None,
              max_new_tokens: int = 64, adapter: str | None = None, temperature: float = 0.0,
-             top_p: float = 1.0, eos_id=None, generator=None) -> list[list[int]]:
+             top_p: float = 1.0, eos_id=None, generator=None, compile: bool = False) -> list[list[int]]:
     """Batched generation with a KV cache; rows are LEFT padded. Returns each row's new tokens, EOS excluded.
 
-    eos_id: one id or several (a chat model stops at its end-of-turn token and at eos); default cfg.eos_id.
+    eos_id: one id or several (a chat model stops at its end-of-turn token and at eos); default cfg.eos_id;
+    a negative id: no end token.
 
     Positions follow the attention mask (the first real token of each row is position 0), as Hugging
     Face's generate does, so results match it for left-padded batches.
+    compile=True runs the per-token step through torch.compile (CUDA graphs off the CPU) against a cache
+    kept for the next call of the same shape: the first call pays the compile, later calls decode faster.
     """
     x = input_ids if inputs_embeds is None else inputs_embeds
     B, T = x.shape[:2]
@@ -785,28 +885,45 @@ def generate(model: Transformer, input_ids=None, attention_mask=None, inputs_emb
     if attention_mask is None:
         attention_mask = torch.ones(B, T, dtype=torch.long, device=device)
     eos_id = model.cfg.eos_id if eos_id is None else eos_id
-    stops = torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id), dtype=torch.long, device=device)
-    eos_id = int(stops[0])  # what a finished row emits from then on
+    stops = [i for i in ([eos_id] if isinstance(eos_id, int) else eos_id) if i >= 0]
+    stop_t = torch.tensor(stops, dtype=torch.long, device=device)
+    eos_id = stops[0] if stops else -1  # what a finished row emits from then on
     dtype = next(model.parameters()).dtype if inputs_embeds is None else inputs_embeds.dtype
-    cache = KVCache(model.cfg, B, T + max_new_tokens, device, dtype)
+    if compile:
+        cache, step = _static_cache(model, B, T + max_new_tokens, device, dtype), _compiled_decode_step(device)
+    else:
+        cache, step = KVCache(model.cfg, B, T + max_new_tokens, device, dtype), decode_step
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
     h = model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
               adapter=adapter, positions=positions, cache=cache, output="hidden")
     logits = model.output(h[:, -1]).float()  # (B, V): only the last position is needed
-    pos = positions[:, -1:] + 1  # (B, 1)
-    out = torch.empty(B, max_new_tokens, dtype=torch.long, device=device)
+    # the rotary cos/sin of every decoding step, gathered once: (steps, B, 1, 1, D), one row per step
+    steps = positions[:, -1:] + 1 + torch.arange(max(max_new_tokens - 1, 0), device=device)  # (B, steps)
+    cos, sin = rope_cos_sin(steps, model.cfg.head_dim, model.cfg.rope_theta, model.tok_embeddings.weight.dtype,
+                            model.cfg.rope_scaling)
+    cos, sin = (t.permute(2, 0, 1, 3)[..., None, :].contiguous() for t in (cos, sin))  # (B, 1, steps, D) ->
+    tokens = []
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    one = torch.ones(B, 1, dtype=torch.long, device=device)
-    n = 0
-    for n in range(max_new_tokens):
-        tok = sample_next(logits, temperature, top_p, generator)  # (B,)
-        tok = torch.where(done, torch.full_like(tok, eos_id), tok)
-        out[:, n] = tok
-        done |= torch.isin(tok, stops)
-        if bool(done.all()) or n == max_new_tokens - 1:
-            break
-        logits = model(input_ids=tok[:, None], attention_mask=one, adapter=adapter, positions=pos, cache=cache)[:, -1]
-        pos = pos + 1
-    rows = out[:, :n + 1].tolist()
-    stop = set(stops.tolist())
+    eos = torch.full((B,), eos_id, dtype=torch.long, device=device)
+    cache.begin_decoding(whole_buffer=compile)
+    try:
+        for n in range(max_new_tokens):
+            tok = sample_next(logits, temperature, top_p, generator)  # (B,)
+            if stops:
+                tok = torch.where(done, eos, tok)
+                done |= torch.isin(tok, stop_t)
+            tokens.append(tok)
+            if n == max_new_tokens - 1 or (stops and bool(done.all())):
+                break
+            logits = step(model, tok, cos[n], sin[n], cache, adapter)
+            if compile:
+                logits = logits.clone()  # a CUDA graph's output is overwritten by its next replay
+            cache.length += 1
+            cache.slot += 1
+    finally:
+        cache.slot = None
+    if not tokens:
+        return [[] for _ in range(B)]
+    rows = torch.stack(tokens, 1).tolist()
+    stop = set(stops)
     return [next((r[:i] for i, t in enumerate(r) if t in stop), r) for r in rows]

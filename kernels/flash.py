@@ -39,7 +39,7 @@ entirely masked by causality or by the window are not visited at all (the loop b
 visited blocks all apply the full mask (simpler than special-casing the diagonal, a little slower), and
 blocks that are all padding are visited like any other.
 
-On CUDA the tile sizes are autotuned (FWD_CONFIGS, BWD_CONFIGS below); fp32 inputs use true fp32 dots.
+On CUDA the tile sizes are autotuned (FWD_CONFIGS, DKDV_CONFIGS, DQ_CONFIGS below); fp32 inputs use true fp32 dots.
 
 Layout follows triton-lang/triton `python/tutorials/06-fused-attention.py` (forward, delta preprocess,
 dK/dV kernel, dQ kernel, autograd.Function, reference); the code is written for this contract, not copied.
@@ -82,11 +82,10 @@ if INTERPRET:
                           "environment (or import kernels.flash before anything imports triton), or use "
                           "backend='sdpa'")
 
-from kernels import check_inputs, visibility_mask  # noqa: E402
+from kernels import (KERNEL_DTYPES as SUPPORTED_DTYPES, MAX_GRID_Y, MAX_HEAD_DIM, MIN_HEAD_DIM,  # noqa: E402
+                     check_inputs, visibility_mask)
 
 LOG2E = 1.4426950408889634  # log2(e) = 1/ln(2): exp(x) == exp2(x * LOG2E)
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128  # tl.dot needs inner dimensions >= 16; 128 bounds registers and SRAM
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -98,17 +97,21 @@ def _config(block_m, block_n, num_warps, num_stages):
 
 # What the autotuner tries on CUDA: BLOCK_M query rows x BLOCK_N key columns, warps, pipeline stages.
 # A few points each, not a full grid: every config costs a compile per kernel and per mask kind (seconds
-# each), paid on the first call of each shape. They were chosen by compiling for sm_90 (bf16, D = 128) and
-# reading the register use: tiles that spill to local memory were dropped or kept only as the large-tile
-# candidate. All fit the shared memory of an A100 and an H100; a config that does not fit the device at
-# hand is skipped by the autotuner. 32 x 32 comes first in both lists as the fallback that still fits for
-# fp32 inputs at D = 128 (fp32 tiles are twice as big).
-# Forward: one (BLOCK_M, D) query tile and its fp32 accumulator stay resident while key tiles stream by.
-FWD_CONFIGS = [_config(32, 32, 4, 2), _config(64, 64, 4, 3), _config(128, 64, 8, 3), _config(128, 128, 8, 2)]
-# Backward: a dK/dV program keeps two fp32 (BLOCK_N, D) accumulators plus its K and V tiles, a dQ program
-# keeps dQ plus its Q and dO tiles, so the backward needs smaller tiles and more warps to stay in registers.
-BWD_CONFIGS = [_config(32, 32, 4, 2), _config(32, 64, 8, 2), _config(64, 32, 8, 2), _config(64, 64, 8, 2),
-               _config(32, 128, 8, 2)]
+# each, one after another inside the autotuner), paid on the first call of each shape; 11 in all.
+# Chosen by compiling ahead of time for sm_90 and sm_80 without a GPU (bench/aot_compile.py, Triton 3.7.1,
+# bf16, D = 128, causal + key padding mask at the CLaRa document shape, the most register-hungry variant)
+# and keeping only tiles that neither spill registers on either architecture nor overflow an A100's shared
+# memory (BENCHMARKS.md has the table; the one exception: dQ 128 x 64 spills 4 B on sm_80 for unpadded
+# non-causal attention); not yet ranked by measurement on a GPU. 32 x 32 comes first in
+# every list: the fallback that fits fp32 inputs at D = 128, and the one tile short sequences keep (_prune).
+# Forward: one (BLOCK_M, D) query tile and its fp32 accumulator stay resident while key tiles stream by
+# (dropped: 128 x 128 / 8 warps, 84 B spilled on sm_90 with a padding mask).
+FWD_CONFIGS = [_config(32, 32, 4, 2), _config(64, 64, 4, 3), _config(128, 64, 8, 3)]
+# dK/dV: a program keeps two fp32 (BLOCK_N, D) accumulators plus its K and V tiles: small tiles, 8 warps;
+# 64 x 64 with one pipeline stage (two stages spilled 52 B on sm_90; 32 x 128 spilled on both).
+DKDV_CONFIGS = [_config(32, 32, 4, 2), _config(32, 64, 8, 2), _config(64, 32, 8, 2), _config(64, 64, 8, 1)]
+# dQ: a program keeps dQ plus its Q and dO tiles, lighter than dK/dV, so taller query tiles fit.
+DQ_CONFIGS = [_config(32, 32, 4, 2), _config(64, 32, 8, 2), _config(64, 64, 8, 2), _config(128, 64, 8, 2)]
 
 
 # The interpreter cannot autotune over several configs, and small tiles run fastest there (numpy per-op
@@ -119,13 +122,32 @@ INTERPRETER_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32}
 TUNING_KEY = ["T_BUCKET", "S_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_WINDOW"]
 
 
+def _prune(configs, named_args, **kwargs):
+    """The configs worth compiling for one call (the autotuner compiles and times each, one after another).
+
+    A tile longer than the whole (power-of-two bucket of the) sequence only computes padding: a BLOCK_M
+    beyond T_BUCKET or a BLOCK_N beyond S_BUCKET is skipped, so short sequences compile fewer configs.
+    fp32 inputs keep the first config (32 x 32) alone: bigger fp32 tiles spill or overflow shared memory,
+    and the dispatcher sends fp32 to SDPA unless the kernel is forced. The first config always stays."""
+    q = named_args.get("Q")
+    if q is not None and q.dtype == torch.float32:
+        return configs[:1]
+    T, S = kwargs.get("T_BUCKET", named_args.get("T_BUCKET")), kwargs.get("S_BUCKET", named_args.get("S_BUCKET"))
+    if T is None or S is None:
+        return configs
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(32, T) and c.kwargs["BLOCK_N"] <= max(32, S)]
+    return kept or configs[:1]
+
+
 def _tuned(configs):
     """Autotune a kernel over configs on CUDA; under the interpreter leave it alone (INTERPRETER_BLOCKS).
 
     Every tuned kernel writes each output element exactly once and never accumulates into its output, so
     the autotuner's repeated benchmark launches leave the results correct."""
     def decorate(kernel):
-        return kernel if INTERPRET else triton.autotune(configs=configs, key=TUNING_KEY)(kernel)
+        if INTERPRET:
+            return kernel
+        return triton.autotune(configs=configs, key=TUNING_KEY, prune_configs_by={"early_config_prune": _prune})(kernel)
     return decorate
 
 
@@ -306,7 +328,7 @@ def _bwd_preprocess(O, DO, DELTA,
     tl.store(DELTA + off_bh.to(tl.int64) * T + offs_m, tl.sum(o * do, 1), mask=offs_m < T)
 
 
-@_tuned(BWD_CONFIGS)
+@_tuned(DKDV_CONFIGS)
 @triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KPM,
                      stride_qb, stride_qh, stride_qt, stride_qd,
@@ -365,7 +387,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KPM,
     _store_tile(DV + out, offs_n, S, stride_dkt, stride_dkd, dv, HEAD_DIM, D_PAD)
 
 
-@_tuned(BWD_CONFIGS)
+@_tuned(DQ_CONFIGS)
 @triton.jit
 def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KPM,
                    stride_qb, stride_qh, stride_qt, stride_qd,
@@ -485,9 +507,6 @@ class FlashAttention(torch.autograd.Function):
         _bwd_dq_kernel[grid_q](q, k, v, do, lse, delta, dq, kpm,
                                *q.stride(), *k.stride(), *v.stride(), *do.stride(), **args)
         return dq, dk, dv, None, None, None, None
-
-
-MAX_GRID_Y = 65535  # CUDA's limit on the second grid dimension, which holds batch x heads
 
 
 def flash_attention(q, k, v, causal=True, key_padding_mask=None, window=None, scale=None):

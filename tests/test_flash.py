@@ -239,7 +239,8 @@ def test_whole_model_forward_backward_triton_equals_sdpa():
     m.requires_grad_(False).add_adapter("a", LoRAConfig(rank=4, dropout=0.0))
     for layer in m.lora_layers():
         layer.lora_B["a"].data.normal_(0, 0.05)
-    ids = torch.randint(0, 512, (2, 19))
+    m.to(DEVICE, torch.float32)  # fp32 on purpose (the 1e-5 tolerance); compiled kernel on CUDA, interpreter on CPU
+    ids = torch.randint(0, 512, (2, 19)).to(DEVICE)
     mask = torch.ones_like(ids)
     mask[1, :7] = 0  # left padding
     results = []
@@ -259,3 +260,16 @@ def test_whole_model_forward_backward_triton_equals_sdpa():
     torch.testing.assert_close(e1, e0, atol=1e-5, rtol=1e-5)
     for a, b in zip(g0, g1):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+
+
+def test_autotune_pruning_keeps_only_tiles_that_fit_the_call():
+    """flash._prune (what the autotuner compiles on CUDA), checked as a pure function."""
+    bf16 = dict(Q=torch.empty(0, dtype=torch.bfloat16))
+    tiles = lambda cs: [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in cs]  # noqa: E731
+    assert flash._prune(flash.FWD_CONFIGS, bf16, T_BUCKET=4096, S_BUCKET=4096) == flash.FWD_CONFIGS
+    assert tiles(flash._prune(flash.FWD_CONFIGS, bf16, T_BUCKET=1, S_BUCKET=512)) == [(32, 32)]
+    assert tiles(flash._prune(flash.FWD_CONFIGS, bf16, T_BUCKET=64, S_BUCKET=64)) == [(32, 32), (64, 64)]
+    assert tiles(flash._prune(flash.DKDV_CONFIGS, bf16, T_BUCKET=32, S_BUCKET=64)) == [(32, 32), (32, 64)]
+    fp32 = dict(Q=torch.empty(0, dtype=torch.float32))
+    assert flash._prune(flash.DQ_CONFIGS, fp32, T_BUCKET=4096, S_BUCKET=4096) == flash.DQ_CONFIGS[:1]
+    assert flash._prune(flash.FWD_CONFIGS, {}) == flash.FWD_CONFIGS  # no bucket arguments: nothing pruned

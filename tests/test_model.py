@@ -573,3 +573,26 @@ def test_save_less_bf16_base_fp32_adapters():
     for p, l, r in zip(g_plain, g_lean, g_ref):
         assert l.dtype == torch.float32
         assert (l - r).abs().max() <= 2 * (p - r).abs().max() + 1e-6
+
+
+def test_static_whole_buffer_decoding_equals_eager(pair, monkeypatch):
+    """generate(compile=True)'s decoding (whole static buffer, slot tensor, additive mask with the sliding
+    window folded in, a cache reused across calls) without the compiler: the same tokens as the default."""
+    import model as M
+    _, ours, _ = pair
+    monkeypatch.setattr(M, "_compiled_decode_step", lambda device: M.decode_step)
+    for lengths in [(7, 12), (3, 12)]:  # the second call reuses (and must reset) the first call's cache
+        ids, mask = left_pad([torch.randint(3, 300, (n,)).tolist() for n in lengths])
+        want = generate(ours, ids, mask, max_new_tokens=14, eos_id=-1)
+        assert generate(ours, ids, mask, max_new_tokens=14, eos_id=-1, compile=True) == want
+    assert len(M._STATIC_CACHES[ours]) == 1  # one shape (capacity rounded up), one cache
+
+
+@pytest.mark.slow
+def test_compiled_generation_is_token_identical(pair):
+    """torch.compile of the per-token step (CPU: inductor; on a GPU it would also capture a CUDA graph)."""
+    _, ours, _ = pair
+    ids, mask = left_pad([torch.randint(3, 300, (n,)).tolist() for n in (5, 9)])
+    want = generate(ours, ids, mask, max_new_tokens=10, eos_id=-1)
+    assert generate(ours, ids, mask, max_new_tokens=10, eos_id=-1, compile=True) == want
+    assert generate(ours, ids, mask, max_new_tokens=10, eos_id=-1, compile=True) == want  # cached compile

@@ -14,7 +14,7 @@ def test_stage0_pretrains_a_base_that_stage1_takes_as_model(tmp_path):
     lines = [f"Person {i} was born in Town{i % 7} in {1900 + i}." for i in range(64)]
     text.write_text("\n".join(lines) + "\n")
     out = tmp_path / "s0"
-    train.main(["--stage", "0", "--data", str(text), "--out", str(out), "--global-batch", "8", "--micro-batch", "4",
+    train.main(["--stage", "0", "--device", "cpu", "--data", str(text), "--out", str(out), "--global-batch", "8", "--micro-batch", "4",
                 "--max-steps", "24", "--lr", "3e-3", "--vocab-size", "300", "--log-every", "1"])
     log = [json.loads(x)["loss"] for x in open(out / "metrics.jsonl")]
     assert len(log) == 24 and log[-1] < 0.7 * log[0], log
@@ -23,7 +23,7 @@ def test_stage0_pretrains_a_base_that_stage1_takes_as_model(tmp_path):
     tok = Tokenizer.from_pretrained(base)
     assert model.cfg.vocab_size == tok.vocab_size
     # the saved base is a normal HF-layout directory that stage 1 accepts as --model
-    train.main(["--stage", "1", "--model", str(base), "--out", str(tmp_path / "s1"), "--global-batch", "4",
+    train.main(["--stage", "1", "--device", "cpu", "--model", str(base), "--out", str(tmp_path / "s1"), "--global-batch", "4",
                 "--micro-batch", "2", "--doc-len", "32", "--compr-rate", "8", "--max-len", "1024", "--max-steps", "1",
                 "--lr", "1e-3", "--train-base", "0"])
     assert (tmp_path / "s1" / "checkpoint" / "clara.safetensors").exists()
@@ -86,11 +86,11 @@ def test_tied_preset_through_stage0_and_stage1(tmp_path):
     from clara import Clara
     text = tmp_path / "corpus.txt"
     text.write_text("".join(f"Person {i} was born in Town{i % 7} in {1900 + i}.\n" for i in range(32)))
-    train.main(["--stage", "0", "--data", str(text), "--out", str(tmp_path / "s0"), "--global-batch", "8",
+    train.main(["--stage", "0", "--device", "cpu", "--data", str(text), "--out", str(tmp_path / "s0"), "--global-batch", "8",
                 "--max-steps", "2", "--vocab-size", "300", "--tie-embeddings", "1"])
     base = Transformer.from_pretrained(tmp_path / "s0" / "base", dtype=torch.float32)
     assert base.cfg.tie_embeddings and base.output.weight is base.tok_embeddings.weight
-    train.main(["--stage", "1", "--model", str(tmp_path / "s0" / "base"), "--out", str(tmp_path / "s1"),
+    train.main(["--stage", "1", "--device", "cpu", "--model", str(tmp_path / "s0" / "base"), "--out", str(tmp_path / "s1"),
                 "--global-batch", "4", "--micro-batch", "2", "--doc-len", "32", "--compr-rate", "8", "--max-len", "1024",
                 "--max-steps", "2", "--lr", "1e-2", "--train-base", "1"])
     clara = Clara.from_pretrained(tmp_path / "s1" / "checkpoint")
