@@ -282,3 +282,15 @@ def test_shipped_sample_is_what_the_generator_writes(tmp_path):
     synth.make_synthetic(tmp_path, seed=0, n_train_entities=100, n_test_entities=20, k=5, n_candidates=8)
     for stage in (1, 2, 3):
         assert (tmp_path / f"stage{stage}.jsonl").read_bytes() == (SAMPLE / f"stage{stage}.jsonl").read_bytes()
+
+
+def test_shipped_held_out_split_is_what_the_generator_writes(tmp_path):
+    """data/sample/test_stage{2,3}.jsonl: the 20 held-out people of the same generator call, in eval's format."""
+    import eval as ev
+    synth.make_synthetic(tmp_path, seed=0, n_train_entities=100, n_test_entities=20, k=5, n_candidates=8)
+    for name in ("test_stage2", "test_stage3"):
+        assert (tmp_path / f"{name}.jsonl").read_bytes() == (SAMPLE / f"{name}.jsonl").read_bytes()
+        records, errors = ev.read_eval_file(SAMPLE / f"{name}.jsonl")
+        assert len(records) == 20 and errors == []
+    asked = {r["question"] for r in load(SAMPLE / "stage2.jsonl")}
+    assert not asked & {r["question"] for r in load(SAMPLE / "test_stage2.jsonl")}  # other people
