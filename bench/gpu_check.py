@@ -34,6 +34,7 @@ Outputs in OUT: gpu_check.json (everything), gpu_check.md (tables), gpu_check.lo
 written by gpu_check.sh.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -121,6 +122,24 @@ def _caused_by_timeout(e):
         seen.add(id(e))
         e = e.__cause__ or e.__context__
     return False
+
+
+@contextlib.contextmanager
+def recorded(row: dict, on_error=None, mark_failed: bool = True):
+    """One check case: an error (not the part's time budget running out) is written into its row (and the
+    row marked failed, or `on_error()` called), and the part goes on with the next case."""
+    try:
+        yield
+    except PartTimeout:
+        raise
+    except Exception as e:  # noqa: BLE001
+        if _caused_by_timeout(e):  # wrapped by the interpreter
+            raise
+        row["error"] = f"{type(e).__name__}: {e}"[:500]
+        if mark_failed:
+            row["ok"] = False
+        if on_error is not None:
+            on_error()
 
 
 def run_part(name, fn, budget):
@@ -404,7 +423,7 @@ def part_a(st, md, end):
             break
         t0 = time.time()
         row = dict(case=name, B=B, Hq=H, Hkv=KV, T=T, S=S, D=D, causal=causal, padded=pad, layout=layout)
-        try:
+        with recorded(row):
             q, k, v, do = make(B, H, KV, T, S, D, layout, g)
             kpm = left_pad_mask(B, S, g) if pad else None
             kw = dict(causal=causal, key_padding_mask=kpm)
@@ -443,12 +462,6 @@ def part_a(st, md, end):
                 ok &= row["deterministic"]
             row["ok"] = bool(ok)
             del out_k, gr_k, out_r, gr_r, out_s, gr_s
-        except PartTimeout:
-            raise
-        except Exception as e:  # noqa: BLE001
-            if _caused_by_timeout(e):  # wrapped by the interpreter
-                raise
-            row.update(ok=False, error=f"{type(e).__name__}: {e}"[:500])
         row["seconds"] = round(time.time() - t0, 1)
         rows.append(row)
         log(json.dumps(row))
@@ -468,7 +481,7 @@ def part_a(st, md, end):
     if CUDA and time.time() < end - 25:
         row = dict(case="int64-offsets: B136 x Hq32 x T4096 x D128 = 2.28e9 elements, causal")
         t0 = time.time()
-        try:
+        with recorded(row):
             Bb, T = 136, 4096
             assert Bb * H * T * D > 2**31
             q = torch.randn(Bb, H, T, D, device=DEV, dtype=BF16)
@@ -487,12 +500,6 @@ def part_a(st, md, end):
                 row[f"{n}_ok"] = err(a, w) <= 2 * err(b, w) + 2 * torch.finfo(BF16).eps * w.abs().max().item()
             row["ok"] = all(row[f"{n}_ok"] for n in ["out", "dq", "dk", "dv"])
             del q, k, v, do, qq, kk, vv, out, dq, dk, dv
-        except PartTimeout:
-            raise
-        except Exception as e:  # noqa: BLE001
-            if _caused_by_timeout(e):  # wrapped by the interpreter
-                raise
-            row.update(ok=False, error=f"{type(e).__name__}: {e}"[:500])
         row["seconds"] = round(time.time() - t0, 1)
         rows.append(row)
         log(json.dumps(row))
@@ -505,19 +512,13 @@ def part_a(st, md, end):
     # fp32 inputs at D = 128 (autotuner must skip configs whose fp32 tiles overflow shared memory)
     if time.time() < end - 10:
         row = dict(case=f"fp32 D{D} T{300 if CUDA else 20} causal leftpad")
-        try:
+        with recorded(row):
             q, k, v, do = make(2, H, KV, 300 if CUDA else 20, 300 if CUDA else 20, D, "model", g, torch.float32)
             kpm = left_pad_mask(2, q.shape[2], g)
             out_k, gr_k = fwd_bwd(flash_attention, q, k, v, do, True, causal=True, key_padding_mask=kpm)
             out_r, gr_r = fwd_bwd(attention_reference, q, k, v, do, True, causal=True, key_padding_mask=kpm)
             row["max_err"] = max(err(a, b) for a, b in zip([out_k, *gr_k], [out_r, *gr_r]))
             row["ok"] = row["max_err"] < 1e-4
-        except PartTimeout:
-            raise
-        except Exception as e:  # noqa: BLE001
-            if _caused_by_timeout(e):  # wrapped by the interpreter
-                raise
-            row.update(ok=False, error=f"{type(e).__name__}: {e}"[:500])
         rows.append(row)
         log(json.dumps(row))
         md.append(f"| {row['case']} | max err {row.get('max_err', '-')} | | | | | | | "
@@ -616,7 +617,7 @@ def part_b(st, md, end):
                 break
             B = max(1, tokens // seq)
             row = dict(seq=seq, B=B, causal=causal)
-            try:
+            with recorded(row, mark_failed=False):
                 q = torch.randn(B, H, seq, D, device=DEV, dtype=BF16)
                 k = torch.randn(B, KV, seq, D, device=DEV, dtype=BF16)
                 v = torch.randn_like(k)
@@ -636,12 +637,6 @@ def part_b(st, md, end):
                            kernel_fwd_ms=tk_f, kernel_fwdbwd_ms=tk_b, sdpa_fwd_ms=ts_f, sdpa_fwdbwd_ms=ts_b,
                            sdpa_kv_repeated=rep)
                 del q, k, v, do, qq, kk, vv, k2, v2
-            except PartTimeout:
-                raise
-            except Exception as e:  # noqa: BLE001
-                if _caused_by_timeout(e):  # wrapped by the interpreter
-                    raise
-                row["error"] = f"{type(e).__name__}: {e}"[:400]
             rows.append(row)
             log(json.dumps(row))
             if "error" in row:
@@ -668,7 +663,8 @@ def part_b(st, md, end):
         T = DOC_T + n_mem
         B = max(1, tokens // T)
         row = dict(n_mem=n_mem, T=T, B=B)
-        try:
+        failed = lambda: md.append(f"| {n_mem} | {T} | {B} | ERROR {row['error'][:100]} |")  # noqa: E731
+        with recorded(row, failed, mark_failed=False):
             lengths = n_mem + torch.randint(1, T - n_mem + 1, (B,), generator=g)
             mask = (torch.arange(T)[None, :] >= T - lengths[:, None]).to(DEV)
             q = torch.randn(B, T, H, D, device=DEV, dtype=BF16).transpose(1, 2)  # model layout
@@ -694,13 +690,6 @@ def part_b(st, md, end):
             md.append(f"| {n_mem} | {T} | {B} | {row['kernel_fwd_tflops']:.0f} | {row['masked_sdpa_fwd_tflops']:.0f} | "
                       f"{row['flash_nomask_fwd_tflops']:.0f} | {row['kernel_fwdbwd_tflops']:.0f} | "
                       f"{row['masked_sdpa_fwdbwd_tflops']:.0f} | {row['flash_nomask_fwdbwd_tflops']:.0f} |")
-        except PartTimeout:
-            raise
-        except Exception as e:  # noqa: BLE001
-            if _caused_by_timeout(e):  # wrapped by the interpreter
-                raise
-            row["error"] = f"{type(e).__name__}: {e}"[:400]
-            md.append(f"| {n_mem} | {T} | {B} | ERROR {row['error'][:100]} |")
         crow.append(row)
         log(json.dumps(row, default=str))
         save()
@@ -773,7 +762,7 @@ def part_c(st, md, end):
             if time.time() > end - 10:
                 break
             row = dict(attention=backend, stage=stage)
-            try:
+            with recorded(row, lambda: log(traceback.format_exc()), mark_failed=False):
                 ccfg = ClaraConfig(compr_rate=32, training_stage=stage, max_len=2048 if stage == 1 else 1024)
                 if clara is None:
                     clara = Clara(model, tok, ccfg)
@@ -819,13 +808,6 @@ def part_c(st, md, end):
                            mean_mfu=(4 * P_ * gtoks + 2 * P_ * ngtoks) / sum(times) / PEAK_BF16,
                            peak_gib=torch.cuda.max_memory_allocated() / 2**30 if CUDA else None)
                 del opt, out, batch
-            except PartTimeout:
-                raise
-            except Exception as e:  # noqa: BLE001
-                if _caused_by_timeout(e):  # wrapped by the interpreter
-                    raise
-                row["error"] = f"{type(e).__name__}: {e}"[:400]
-                log(traceback.format_exc())
             rows.append(row)
             log(json.dumps(row))
             if "error" in row:
@@ -866,7 +848,8 @@ def part_d(st, md, end):
     for backend, compiled in variants:
         os.environ["CLARA_ATTENTION"] = backend
         row = dict(attention=backend + (" + compile=True" if compiled else ""))
-        try:
+        failed = lambda: md.append(f"| {row['attention']} | ERROR {row['error'][:120]} |")  # noqa: E731
+        with recorded(row, failed, mark_failed=False):
             # warm-up: the prefill, and decoding across S % 16 == 0 (both integer specialisations compiled);
             # compile=True: torch.compile + CUDA graph capture of the step (its seconds are reported)
             t = time.perf_counter()
@@ -897,13 +880,6 @@ def part_d(st, md, end):
                       f"{row['t_short_s']:.2f} | {row['warmup_s']} |"
                       + (f" first {row['tokens_equal_eager']} of {long_n} tokens equal eager sdpa's |"
                          if "tokens_equal_eager" in row else ""))
-        except PartTimeout:
-            raise
-        except Exception as e:  # noqa: BLE001
-            if _caused_by_timeout(e):  # wrapped by the interpreter
-                raise
-            row["error"] = f"{type(e).__name__}: {e}"[:400]
-            md.append(f"| {row['attention']} | ERROR {row['error'][:120]} |")
         rows.append(row)
         log(json.dumps(row))
         save()

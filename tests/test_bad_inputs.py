@@ -214,20 +214,22 @@ def _(env):
 @case("ckpt-truncated-weights", "eval.py --checkpoint", "clara.safetensors cut in half",
       r"cannot load the checkpoint: .*clara.safetensors: content differs from the one this checkpoint was saved with")
 def _(env):
+    return truncated(env, pinned=True)
+
+
+def truncated(env, pinned: bool):
     ck = env.checkpoint()
     f = ck / "clara.safetensors"
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    if not pinned:
+        unpin(ck)
     return eval_ck(ck, env)
 
 
 @case("ckpt-truncated-unpinned", "eval.py --checkpoint", "clara.safetensors cut in half, no recorded hashes",
       r"cannot load the checkpoint: .*clara.safetensors: not a readable safetensors file")
 def _(env):
-    ck = env.checkpoint()
-    f = ck / "clara.safetensors"
-    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
-    unpin(ck)
-    return eval_ck(ck, env)
+    return truncated(env, pinned=False)
 
 
 @case("ckpt-flipped-byte", "eval.py --checkpoint", "one bit flipped in a weight of clara.safetensors",
@@ -244,9 +246,14 @@ def _(env):
 @case("ckpt-no-added-embeddings", "eval.py --checkpoint", "clara.safetensors without added_embeddings (no hashes)",
       r"cannot load the checkpoint: .*clara.safetensors: no tensor 'added_embeddings'")
 def _(env):
+    return without_tensor(env, "added_embeddings")
+
+
+def without_tensor(env, key):
+    """A checkpoint whose clara.safetensors lacks `key`, with its hashes removed (so the tensor check fires)."""
     ck = env.checkpoint()
     sd = load_file(ck / "clara.safetensors")
-    del sd["added_embeddings"]
+    del sd[key]
     save_file(sd, ck / "clara.safetensors")
     unpin(ck)
     return eval_ck(ck, env)
@@ -255,12 +262,7 @@ def _(env):
 @case("ckpt-no-lora-tensor", "eval.py --checkpoint", "one LoRA tensor of a listed adapter missing (no hashes)",
       r"cannot load the checkpoint: .*clara.safetensors: no tensor 'layers.0.attention.wq.lora_A.decoder'")
 def _(env):
-    ck = env.checkpoint()
-    sd = load_file(ck / "clara.safetensors")
-    del sd["layers.0.attention.wq.lora_A.decoder"]
-    save_file(sd, ck / "clara.safetensors")
-    unpin(ck)
-    return eval_ck(ck, env)
+    return without_tensor(env, "layers.0.attention.wq.lora_A.decoder")
 
 
 @case("ckpt-other-tokenizer", "eval.py --checkpoint", "another run's tokenizer.json of the same size",
