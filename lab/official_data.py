@@ -175,7 +175,7 @@ def build(src: Path, out: Path, test_docs: int = 100, k: int = 5, candidates: in
     return split
 
 
-def main(argv=None) -> dict:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--src", type=Path, default=DEFAULT_SRC, help="the official example/pretrain_data.jsonl")
     p.add_argument("--out", type=Path, required=True, help="output directory (created if missing)")
@@ -185,7 +185,11 @@ def main(argv=None) -> dict:
     p.add_argument("--questions-per-doc", type=int, default=None, help="at most this many stage-2/3 training "
                    "questions per document (default: all); the held-out files keep every question")
     p.add_argument("--seed", type=int, default=0, help="seed of the split, the distractors and the order")
-    a = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    a = parse_args(argv)
     try:
         split = build(a.src, a.out, a.test_docs, a.k, a.candidates, a.seed, a.questions_per_doc)
     except (FileNotFoundError, ValueError, DataError) as e:
