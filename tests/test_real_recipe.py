@@ -17,8 +17,9 @@ import real  # noqa: E402
 
 TINY = ["--size", "cpu", "--test-docs", "10", "--k", "2", "--candidates", "5", "--doc-len", "32", "--rates", "4",
         "--questions-per-doc", "1", "--s1-steps", "2", "--s2-steps", "2", "--s3-warmup-steps", "1", "--s3-steps", "1",
-        "--global-batch", "2", "--micro-batch", "2", "--s3-micro-batch", "1", "--max-len", "160", "--lora-r", "4",
-        "--lora-alpha", "8", "--limit", "4", "--s3-limit", "2", "--max-new-tokens", "3", "--batch-size", "4"]
+        "--global-batch", "2", "--micro-batch", "2", "--s3-global-batch", "1", "--s3-micro-batch", "1",
+        "--max-len", "160", "--lora-r", "4", "--lora-alpha", "8", "--limit", "4", "--s3-limit", "2",
+        "--max-new-tokens", "3", "--batch-size", "4"]
 
 
 @pytest.mark.slow
