@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -33,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import Tokenizer, chat, left_pad
+from data import MISTRAL, ChatFormat, Prompt, Tokenizer, left_pad
 from model import LoRAConfig, ModelConfig, Transformer, generate
 from topk import topk_select
 
@@ -102,22 +103,29 @@ PROMPT_TEXTS = [SYSTEM_QA, SYSTEM_PARAPHRASE, SYSTEM_ANSWER, *(t.replace("{docs}
 
 
 def build_prompt(kind: str, docs: str, question: str = "", qa: list[tuple[str, str]] | None = None,
-                 template: int = 0) -> tuple[str, str | None]:
-    """The one prompt builder: the chat text of every kind of example (CLARA_SPEC.md §4).
+                 template: int = 0, fmt: ChatFormat = MISTRAL) -> tuple[Prompt, str | None]:
+    """The one prompt builder: the chat text of every kind of example (docs/method.md, "Prompts").
 
     kind: "qa" (stage 1), "paraphrase" (stage 1), "answer" (stages 2/3 and inference), "closed_book".
-    docs: the background, either memory slots ("<MEM0>..<MEM{M-1}><SEP>" per document) or raw text.
-    Returns (prompt_text, target_text or None); the target is what the loss covers (plus the final </s>).
+    docs: the background, either memory slots (`Clara.mem_slots` per document) or raw text
+    (`Prompt.text(...)`, as `text_prompt` does). A plain str is read as slots: its <MEMi> / <SEP> are the tokens.
+    fmt: the model's chat format (data.CHAT_FORMATS); Mistral's gives the official strings exactly.
+    Returns (prompt, target text or None); the target is what the loss covers (plus the end-of-turn token).
+    The prompt is a `data.Prompt`: a str whose question and document pieces are text, never control tokens.
     """
+    text = Prompt.text
+    if not isinstance(docs, Prompt):
+        docs = Prompt([(piece, i % 2 == 1) for i, piece in enumerate(re.split(r"(<MEM\d+>|<SEP>)", docs))])
     if kind == "qa":
         target = "\n".join(f"Question: {q}\nAnswer: {a}" for q, a in qa) if qa else None
-        return chat(f"Background:\n{docs}", SYSTEM_QA), target
+        return fmt.prompt(text("Background:\n") + docs, SYSTEM_QA), target
     if kind == "paraphrase":
-        return chat(PARAPHRASE_TEMPLATES[template].format(docs=docs), SYSTEM_PARAPHRASE), None
+        before, after = PARAPHRASE_TEMPLATES[template].split("{docs}")
+        return fmt.prompt(text(before) + docs + after, SYSTEM_PARAPHRASE), None
     if kind == "answer":
-        return chat(f"Background:\n{docs}\n\nQuestion:{question}", SYSTEM_ANSWER), None
+        return fmt.prompt(text("Background:\n") + docs + "\n\nQuestion:" + question, SYSTEM_ANSWER), None
     if kind == "closed_book":
-        return chat(f"Question:{question}", SYSTEM_ANSWER), None
+        return fmt.prompt(text("Question:") + question, SYSTEM_ANSWER), None
     raise ValueError(f"unknown prompt kind {kind!r}")
 
 
@@ -143,9 +151,9 @@ def retrieval_infonce(scores: torch.Tensor, pos_index: list[list[int]], tau: flo
     return loss.sum() if reduction == "sum" else loss.mean()
 
 
-def text_prompt(question: str, docs: list[str]) -> str:
+def text_prompt(question: str, docs: list[str], fmt: ChatFormat = MISTRAL) -> Prompt:
     """The raw-text answer prompt (the uncompressed baseline, and stage-0 QA text): the documents one per line."""
-    return build_prompt("answer", "\n".join(docs), question=question)[0]
+    return build_prompt("answer", Prompt.text("\n".join(docs)), question=question, fmt=fmt)[0]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -195,9 +203,14 @@ class Clara(nn.Module):
         return self.model.tok_embeddings.weight.device
 
     @property
-    def mem_slots(self) -> str:
-        """One document's slot in a prompt: <MEM0>..<MEM{M-1}><SEP>."""
-        return "".join(f"<MEM{i}>" for i in range(self.cfg.n_mem)) + "<SEP>"
+    def mem_slots(self) -> Prompt:
+        """One document's slot in a prompt: <MEM0>..<MEM{M-1}><SEP> (control tokens; `* K` for K documents)."""
+        return Prompt.control(*(f"<MEM{i}>" for i in range(self.cfg.n_mem)), "<SEP>")
+
+    @property
+    def fmt(self) -> ChatFormat:
+        """The base model's chat format (data.CHAT_FORMATS), read from its tokenizer files."""
+        return self.tok.chat_format
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings (B, T, H), with the <MEMi> rows taken from `mem_embeddings`."""
@@ -233,10 +246,12 @@ class Clara(nn.Module):
     def tokenize_documents(self, docs: list[str]) -> tuple[torch.Tensor, torch.Tensor, int]:
         """"<ENC><s>doc</s>" cut on the right to L+3 tokens, LEFT padded, + the M memory tokens.
 
+        <s> / </s> are the model's own bos / eos (`Tokenizer.document`; no bos for a model without one).
+        The text is text: a document holding "<MEM0>" or "</s>" does not open a slot or end early.
         Returns ids and mask (n_docs, L+3+M) on the model's device and the number of truncated documents.
         """
         L = self.cfg.doc_max_length + 3
-        rows = self.tok.encode_batch([f"<ENC><s>{d}</s>" for d in docs])
+        rows = self.tok.encode_batch([self.tok.document(d) for d in docs])
         truncated = sum(len(r) > L for r in rows)
         ids, mask = left_pad([r[:L] for r in rows], self.tok.pad_id, L)  # (n, L+3)
         n = len(docs)
@@ -262,18 +277,22 @@ class Clara(nn.Module):
     # -- decoder prompts ----------------------------------------------------------------------------
 
     def tokenize_prompts(self, prompts: list[str], targets: list[str | None]) -> dict:
-        """Chat prompts (+ targets) -> left-padded ids, mask and labels (-100 except target + </s>).
+        """Chat prompts (+ targets) -> left-padded ids, mask and labels (-100 except target + end of turn).
 
-        Sequences are capped at max_len tokens by cutting on the right (the spec's truncation).
+        A prompt from `build_prompt` keeps its text as text; a plain str is read as a template the caller wrote
+        (every special-token string in it is the token). The target is joined as the chat format says
+        (Mistral: " {answer}</s>"; ChatML: "{answer}<|im_end|>"). Sequences are capped at max_len tokens by
+        cutting on the right (the official truncation).
         """
         rows, labels = [], []
         for p, t in zip(prompts, targets):
+            p = p if isinstance(p, Prompt) else self.tok.template(p)
             p_ids = self.tok.encode(p)
             if t is None:
                 rows.append(p_ids)
                 labels.append([-100] * len(p_ids))
                 continue
-            full = self.tok.encode(f"{p} {t}</s>")
+            full = self.tok.encode(p + self.fmt.target(t))
             if full[:len(p_ids)] != p_ids:
                 raise ValueError(f"{self.tok.source}: the prompt's tokens are not a prefix of prompt+answer "
                                  "tokens (a piece crosses the boundary); cannot place the labels")
@@ -297,7 +316,8 @@ class Clara(nn.Module):
         counts = is_mem.sum(1)
         if not bool((counts == K * M).all()):
             raise ValueError(f"splice: every prompt must hold {K} slots of {M} memory tokens; found "
-                             f"{counts.tolist()} memory tokens (a prompt cut by max_len={self.cfg.max_len}?)")
+                             f"{counts.tolist()} memory tokens (the prompt is longer than max_len="
+                             f"{self.cfg.max_len} and was cut: raise max_len)")
         return emb.masked_scatter(is_mem[..., None], memory.to(emb.dtype))
 
     def decoder_loss(self, batch: dict, memory: torch.Tensor):
@@ -330,13 +350,14 @@ class Clara(nn.Module):
         for i, r in enumerate(records):
             rng = random.Random(f"{seed}:{r.get('_where', i)}")
             if stage == 1 and r["data_type"] == "qa":
-                p, t = build_prompt("qa", self.mem_slots, qa=list(zip(r["question"], r["answers"])))
+                p, t = build_prompt("qa", self.mem_slots, qa=list(zip(r["question"], r["answers"])), fmt=self.fmt)
             elif stage == 1:
-                p, t = build_prompt("paraphrase", self.mem_slots, template=rng.randrange(len(PARAPHRASE_TEMPLATES)))
+                p, t = build_prompt("paraphrase", self.mem_slots, template=rng.randrange(len(PARAPHRASE_TEMPLATES)),
+                                    fmt=self.fmt)
                 t = r["answers"][0]
             else:
                 n_slots = self.cfg.generation_top_k if stage == 3 else k
-                p, t = build_prompt("answer", self.mem_slots * n_slots, question=r["question"])
+                p, t = build_prompt("answer", self.mem_slots * n_slots, question=r["question"], fmt=self.fmt)
                 t = r["answer"]
             prompts.append(p)
             targets.append(t)
@@ -446,7 +467,7 @@ class Clara(nn.Module):
         batch = self.tokenize_prompts(prompts, [None] * len(prompts))
         emb = self.splice(batch["ids"], memory) if memory is not None else self.embed(batch["ids"])
         out = generate(self.model, inputs_embeds=emb, attention_mask=batch["mask"], adapter=adapter,
-                       max_new_tokens=max_new_tokens, eos_id=self.tok.eos_id)
+                       max_new_tokens=max_new_tokens, eos_id=self.tok.stop_ids)
         return self.tok.decode_batch(out)
 
     def generate_from_compressed_documents_and_questions(self, questions: list[str], compressed_documents,
@@ -456,7 +477,7 @@ class Clara(nn.Module):
         if mem.dim() != 4 or mem.shape[0] != len(questions) or mem.shape[2] != self.cfg.n_mem:
             raise ValueError(f"compressed_documents must be (B={len(questions)}, K, M={self.cfg.n_mem}, H); "
                              f"got {tuple(mem.shape)}")
-        prompts = [build_prompt("answer", self.mem_slots * mem.shape[1], question=q)[0] for q in questions]
+        prompts = [build_prompt("answer", self.mem_slots * mem.shape[1], question=q, fmt=self.fmt)[0] for q in questions]
         return self._generate(prompts, mem.to(self.device), max_new_tokens)
 
     def generate_from_text(self, questions: list[str], documents: list[list[str]], max_new_tokens: int = 128,
@@ -467,20 +488,20 @@ class Clara(nn.Module):
         (the paper's "Mistral-7B w/ retrieval" row). Unlike the official method, changes no model state.
         """
         self._check_docs(questions, documents)
-        prompts = [text_prompt(q, d) for q, d in zip(questions, documents)]
+        prompts = [text_prompt(q, d, self.fmt) for q, d in zip(questions, documents)]
         return self._generate(prompts, None, max_new_tokens, adapter)
 
     def generate_closed_book(self, questions: list[str], max_new_tokens: int = 128,
                              adapter: str | None = None) -> list[str]:
         """Answer with no documents at all (the closed-book baseline); the bare base model by default."""
-        prompts = [build_prompt("closed_book", "", question=q)[0] for q in questions]
+        prompts = [build_prompt("closed_book", "", question=q, fmt=self.fmt)[0] for q in questions]
         return self._generate(prompts, None, max_new_tokens, adapter)
 
     def generate_from_paraphrase(self, questions: list[str], documents: list[list[str]], max_new_tokens: int = 128) -> list[str]:
         """Stage-1 (Base) checkpoints: regenerate each question's documents from their memory vectors."""
         k = self._check_docs(questions, documents)
         mem = self.compress_documents([d for ds in documents for d in ds])  # (B*K, M, H)
-        prompts = [build_prompt("paraphrase", self.mem_slots * k)[0] for _ in questions]
+        prompts = [build_prompt("paraphrase", self.mem_slots * k, fmt=self.fmt)[0] for _ in questions]
         return self._generate(prompts, mem.view(len(questions), k, *mem.shape[1:]), max_new_tokens)
 
     def generate_from_questions(self, questions: list[str], documents: list[list[str]], max_new_tokens: int = 64,
@@ -498,7 +519,7 @@ class Clara(nn.Module):
             batch["enc_ids"], batch["enc_mask"], _ = self.tokenize_documents([d for ds in documents for d in ds])
             batch["q_ids"], batch["q_mask"], _ = self.tokenize_documents(questions)
             selected, idx, _ = self.retrieve(batch, N, top_k)
-        prompts = [build_prompt("answer", self.mem_slots * idx.shape[1], question=q)[0] for q in questions]
+        prompts = [build_prompt("answer", self.mem_slots * idx.shape[1], question=q, fmt=self.fmt)[0] for q in questions]
         return self._generate(prompts, selected, max_new_tokens), idx
 
     @torch.no_grad()

@@ -2,7 +2,8 @@
 
 Three sections, top to bottom:
 
-    Tokenizer, chat, left_pad, train_tokenizer   tokenizer.json wrapper, prompt strings, padding, tiny BPE
+    Prompt, ChatFormat, Tokenizer, left_pad      the model's conventions and chat format, text that stays text,
+    train_tokenizer                              padding, a tiny BPE
     validate_record, JsonlDataset, batches       the official JSONL formats (CLARA_SPEC.md §6), checked
                                                  record by record and streamed in a resumable, sharded order
     make_synthetic                               invented people and facts in those formats, for the CPU lab
@@ -11,54 +12,240 @@ Command line: `python data.py synth --out DIR` writes a synthetic set; `python d
 FILE...` validates files. The shipped sample data/sample/stage{1,2,3}.jsonl is the training part of
 `make_synthetic(DIR, seed=0, n_train_entities=100, n_test_entities=20, k=5, n_candidates=8)`.
 
-Tokenizer: a thin wrapper over `tokenizers.Tokenizer` loaded from a checkpoint's `tokenizer.json`. CLaRa
-appends special tokens after the base vocabulary (CLARA_SPEC.md §2: `<MEM0>..<MEM{n-1}>`, `<AE>`, `<ENC>`,
-`<SEP>`), pads with `<s>` on the LEFT, and writes prompts in the Mistral-Instruct v0.2 chat format (§4):
+Tokenizer: a thin wrapper over `tokenizers.Tokenizer` loaded from a checkpoint's `tokenizer.json`, with the
+model's own conventions read from its `tokenizer_config.json` / `special_tokens_map.json` /
+`generation_config.json`: bos, eos, pad, the end-of-turn token and the chat format (`ChatFormat`: Mistral
+`[INST]`, ChatML, Llama-3 headers, written in code). CLaRa appends special tokens after the base vocabulary
+(`<MEM0>..<MEM{n-1}>`, `<AE>`, `<ENC>`, `<SEP>`) and pads on the LEFT. For Mistral (and a bare
+tokenizer.json, such as the tiny BPEs) the strings are the official ones:
 
     "<s> [INST] {system}\\n\\n{user} [/INST]"               prompt
     "<s> [INST] {system}\\n\\n{user} [/INST] {answer}</s>"  prompt + target
 
-The literal `<s>` / `</s>` are matched as special tokens; text is always tokenised WITHOUT adding any
-special token of the tokenizer's own (no automatic BOS).
+Prompts are `Prompt`s: strings that know which pieces are control tokens, so a document, question or answer
+that spells "</s>" or "<MEM0>" is tokenised as text, never as the token. Text is always tokenised WITHOUT
+adding any special token of the tokenizer's own (no automatic BOS).
 """
 from __future__ import annotations
 
 import itertools
 import json
+import re
 from array import array
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from tokenizers import AddedToken
+from tokenizers import AddedToken, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 
-class Tokenizer:
-    """`tokenizers.Tokenizer` with the few operations CLaRa needs."""
+class Prompt(str):
+    """A string that remembers which of its pieces are control tokens.
 
-    def __init__(self, tok: HFTokenizer, source: str = "<memory>"):
-        self.tok = tok
-        self.source = source
-        self.bos_id = self.token_id("<s>")
-        self.eos_id = self.token_id("</s>")
-        self.pad_id = self.bos_id  # CLaRa pads with <s> (id 1), on the left
+    `str(p)` is the plain text (so prompts compare and print as strings), and `p.parts` is a tuple of
+    (text, is_control) pieces. Only the control pieces (the chat format's own tokens, CLaRa's <MEMi>/<SEP>/
+    <ENC>) may become special tokens when tokenised; a document, question or answer that happens to contain
+    "</s>" or "<MEM0>" stays text (`Tokenizer.encode_prompt`). `+` with a plain str adds it as TEXT; `*` repeats.
+    """
+
+    parts: tuple[tuple[str, bool], ...]
+
+    def __new__(cls, parts=()):
+        parts = tuple((s, bool(c)) for s, c in parts if s)
+        p = super().__new__(cls, "".join(s for s, _ in parts))
+        p.parts = parts
+        return p
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> "Tokenizer":
-        """Load `tokenizer.json` from a model directory (or the file itself)."""
+    def text(cls, s: str) -> "Prompt":
+        return s if isinstance(s, Prompt) else cls([(s, False)])
+
+    @classmethod
+    def control(cls, *tokens: str | None) -> "Prompt":
+        return cls([(t, True) for t in tokens if t])
+
+    def __add__(self, other):
+        return Prompt(self.parts + Prompt.text(other).parts)
+
+    def __radd__(self, other):
+        return Prompt(Prompt.text(other).parts + self.parts)
+
+    def __mul__(self, n: int):
+        return Prompt(self.parts * n)
+
+    def join(self, items):  # Prompt.text("\n").join(docs): the separator and the items keep their kinds
+        out = Prompt()
+        for i, x in enumerate(items):
+            out = out + x if i == 0 else out + self + x
+        return out
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """A chat template written in code (no template engine): where system, user and answer text go.
+
+    prompt  = start + system_open + system + system_close + user_open + user + user_close
+    target  = answer_join + answer + end-of-turn token
+    `start` and the *_open / *_close strings may hold control tokens: they are listed in `controls` and split
+    out exactly (every other character of the prompt is text).
+    """
+
+    name: str
+    start: str           # the first token(s) of a prompt (Mistral, Llama-3: bos; ChatML: none)
+    system_open: str
+    system_close: str    # between system and user (Mistral: "\n\n" inside one [INST] turn)
+    user_open: str       # used when there is a system text ...
+    user_open_alone: str  # ... and when there is none
+    user_close: str      # ends the prompt: the assistant's turn begins after it
+    answer_join: str     # between the prompt and the answer text (Mistral: one space)
+    end_of_turn: str     # the token that ends the answer (the label after the answer)
+    controls: tuple[str, ...]
+
+    def _segments(self, s: str) -> Prompt:
+        """A template string -> Prompt, with every occurrence of a control token marked as control."""
+        if not self.controls:
+            return Prompt.text(s)
+        pattern = "(" + "|".join(map(re.escape, self.controls)) + ")"
+        return Prompt([(piece, i % 2 == 1) for i, piece in enumerate(re.split(pattern, s))])
+
+    def prompt(self, user: str, system: str | None = None) -> Prompt:
+        """The prompt text up to where the answer starts; user/system pieces keep their kinds (text by default)."""
+        seg = self._segments
+        if system:
+            return (seg(self.start + self.system_open) + Prompt.text(system) + seg(self.system_close + self.user_open)
+                    + Prompt.text(user) + seg(self.user_close))
+        return seg(self.start + self.user_open_alone) + Prompt.text(user) + seg(self.user_close)
+
+    def target(self, answer: str) -> Prompt:
+        """What follows the prompt in a training example: the answer text and the end-of-turn token."""
+        return Prompt.text(self.answer_join + answer) + Prompt.control(self.end_of_turn)
+
+
+# The formats recognised from a tokenizer's chat_template (`detect_chat_format`). Mistral-Instruct v0.2:
+# a system text shares the first [INST] turn; its strings are exactly the official CLaRa prompts.
+CHAT_FORMATS = {
+    "mistral": ChatFormat("mistral", "<s>", " [INST] ", "\n\n", "", " [INST] ", " [/INST]", " ", "</s>",
+                          ("<s>", "</s>")),
+    "chatml": ChatFormat("chatml", "", "<|im_start|>system\n", "<|im_end|>\n", "<|im_start|>user\n",
+                         "<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n", "", "<|im_end|>",
+                         ("<|im_start|>", "<|im_end|>")),
+    "llama3": ChatFormat("llama3", "<|begin_of_text|>", "<|start_header_id|>system<|end_header_id|>\n\n",
+                         "<|eot_id|>", "<|start_header_id|>user<|end_header_id|>\n\n",
+                         "<|start_header_id|>user<|end_header_id|>\n\n",
+                         "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n", "", "<|eot_id|>",
+                         ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")),
+}
+MISTRAL = CHAT_FORMATS["mistral"]
+
+
+def detect_chat_format(template: str | None, source: str) -> str:
+    """The name of the format a Jinja chat_template writes, recognised by its marker strings."""
+    if template is None:
+        return "mistral"  # a bare tokenizer.json (the tiny BPEs, our own checkpoints before formats existed)
+    markers = [("<|start_header_id|>", "llama3"), ("<|im_start|>", "chatml"), ("[INST]", "mistral")]
+    for marker, name in markers:
+        if marker in template:
+            return name
+    raise ValueError(f"{source}: chat_template not recognised (known: {sorted(CHAT_FORMATS)}); pass "
+                     "--chat-format NAME (chat_format=NAME) to choose one")
+
+
+def _token_str(value) -> str | None:
+    """tokenizer_config.json writes a special token as a string or as {"content": ...}."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+class Tokenizer:
+    """`tokenizers.Tokenizer` with the few operations CLaRa needs, and the model's own conventions.
+
+    bos / eos / pad tokens come from the folder's tokenizer_config.json (or special_tokens_map.json); the chat
+    format from its chat_template (or `chat_format=`); the tokens that stop generation are the format's
+    end-of-turn, eos and generation_config.json's eos_token_id. A folder with only tokenizer.json (the tiny
+    BPEs) is read as Mistral: bos <s>, eos </s>, pad <s>, the [INST] format.
+    """
+
+    def __init__(self, tok: HFTokenizer, source: str = "<memory>", bos: str | None = "<s>", eos: str = "</s>",
+                 pad: str | None = None, chat_format: str = "mistral", stop_ids: tuple[int, ...] = ()):
+        self.tok = tok
+        self.source = source
+        if chat_format not in CHAT_FORMATS:
+            raise ValueError(f"{source}: unknown chat format {chat_format!r} (known: {sorted(CHAT_FORMATS)})")
+        self.chat_format = CHAT_FORMATS[chat_format]
+        self.bos = bos if bos is not None and self.has_token(bos) else None
+        self.eos = eos
+        self.eos_id = self.token_id(eos)
+        self.bos_id = self.token_id(self.bos) if self.bos else None
+        for t in self.chat_format.controls:
+            self.token_id(t)  # the format's control tokens must exist (clear KeyError otherwise)
+        # Mistral pads with <s> (the official code); others with their pad token, else eos. Padding is masked.
+        self.pad_id = self.token_id(pad) if pad and self.has_token(pad) else (self.bos_id if chat_format == "mistral"
+                                                                              else self.eos_id)
+        self.eot_id = self.token_id(self.chat_format.end_of_turn)
+        self.stop_ids = tuple(dict.fromkeys((self.eot_id, self.eos_id, *stop_ids)))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, chat_format: str | None = None) -> "Tokenizer":
+        """Load `tokenizer.json` (+ tokenizer_config.json, special_tokens_map.json, generation_config.json when
+        present) from a model directory (or the tokenizer.json file itself)."""
         path = Path(path)
         file = path / "tokenizer.json" if path.is_dir() else path
         if not file.exists():
             raise FileNotFoundError(f"{file}: no tokenizer.json (the fast-tokenizer file of the checkpoint)")
         try:
-            return cls(HFTokenizer.from_file(str(file)), str(file))
+            tok = HFTokenizer.from_file(str(file))
         except Exception as e:  # the tokenizers library raises a bare Exception on malformed files
             raise ValueError(f"{file}: cannot be read as a tokenizers file ({e})") from None
+        folder = file.parent
+
+        def read(name):
+            f = folder / name
+            if not f.exists():
+                return {}
+            try:
+                d = json.loads(f.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{f}: not valid JSON ({e})") from None
+            if not isinstance(d, dict):
+                raise ValueError(f"{f}: expected a JSON object")
+            return d
+
+        conf = {**read("special_tokens_map.json"), **read("tokenizer_config.json")}
+        if not conf and chat_format is None:  # a bare tokenizer.json: the Mistral conventions
+            return cls(tok, str(file))
+        template = conf.get("chat_template")
+        if isinstance(template, list):  # several named templates: the default one
+            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+        if template is None and (folder / "chat_template.jinja").exists():  # where transformers 5 writes it
+            template = (folder / "chat_template.jinja").read_text()
+        name = chat_format or conf.get("clara_chat_format")
+        if name is None and template is None and None in (tok.token_to_id("<s>"), tok.token_to_id("</s>")):
+            raise ValueError(f"{folder}: no chat_template in tokenizer_config.json; pass --chat-format NAME "
+                             f"(chat_format=NAME), one of {sorted(CHAT_FORMATS)}")
+        name = name or detect_chat_format(template, str(folder / "tokenizer_config.json"))
+        if name not in CHAT_FORMATS:
+            raise ValueError(f"{folder}: unknown chat format {name!r} (known: {sorted(CHAT_FORMATS)})")
+        fmt = CHAT_FORMATS[name]
+        bos = _token_str(conf.get("bos_token")) if "bos_token" in conf else (fmt.start or None)
+        eos = _token_str(conf.get("eos_token")) or fmt.end_of_turn
+        gen = read("generation_config.json").get("eos_token_id")
+        stop = tuple(gen if isinstance(gen, list) else [gen] if isinstance(gen, int) else [])
+        vocab = tok.get_vocab_size(with_added_tokens=True)
+        return cls(tok, str(file), bos=bos, eos=eos, pad=_token_str(conf.get("pad_token")), chat_format=name,
+                   stop_ids=tuple(i for i in stop if 0 <= i < vocab))
 
     def save(self, path: str | Path):
-        Path(path).mkdir(parents=True, exist_ok=True)
-        self.tok.save(str(Path(path) / "tokenizer.json"))
+        """tokenizer.json, and a tokenizer_config.json with the conventions, so the folder reloads the same."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.tok.save(str(path / "tokenizer.json"))
+        if self.chat_format is MISTRAL and self.bos == "<s>" and self.eos == "</s>" and self.pad_id == self.bos_id:
+            return  # the default conventions: a bare tokenizer.json says it all (as before formats existed)
+        conf = {"bos_token": self.bos, "eos_token": self.eos, "pad_token": self.tok.id_to_token(self.pad_id),
+                "clara_chat_format": self.chat_format.name}
+        (path / "tokenizer_config.json").write_text(json.dumps(conf, indent=2))
+        (path / "generation_config.json").write_text(json.dumps({"eos_token_id": list(self.stop_ids)}, indent=2))
 
     @property
     def vocab_size(self) -> int:
@@ -79,11 +266,92 @@ class Tokenizer:
         self.tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in new])
         return [self.token_id(t) for t in tokens]
 
+    def chat(self, user: str, system: str | None = None) -> Prompt:
+        return self.chat_format.prompt(user, system)
+
+    def document(self, text: str) -> Prompt:
+        """The document as the encoder reads it: <ENC> + bos (if the model has one) + text + eos."""
+        return Prompt.control("<ENC>", self.bos) + Prompt.text(text) + Prompt.control(self.eos)
+
     def encode(self, text: str) -> list[int]:
+        """A plain str is tokenised with every special-token string matched (a template the caller wrote);
+        a `Prompt` only matches its control pieces: its text pieces stay text (`encode_prompt`)."""
+        if isinstance(text, Prompt):
+            return self.encode_prompt(text)
         return self.tok.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        if any(isinstance(t, Prompt) for t in texts):
+            return [self.encode(t) for t in texts]
         return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+
+    def _special_ids(self) -> set[int]:
+        return {i for i, t in self.tok.get_added_tokens_decoder().items() if t.special}
+
+    def template(self, s: str) -> Prompt:
+        """A plain string the caller wrote as a template -> Prompt: every special-token string in it is control."""
+        specials = sorted({t.content for t in self.tok.get_added_tokens_decoder().values() if t.special}, key=len,
+                          reverse=True)
+        if not specials:
+            return Prompt.text(s)
+        pieces = re.split("(" + "|".join(map(re.escape, specials)) + ")", s)
+        return Prompt([(piece, i % 2 == 1) for i, piece in enumerate(pieces)])
+
+    def _metaspaces(self) -> list:
+        """The Metaspace pre-tokenizers that prepend "▁" to the first piece of a text (prepend_scheme "first")."""
+        pt = self.tok.pre_tokenizer
+        found, stack = [], [pt] if pt is not None else []
+        while stack:
+            p = stack.pop()
+            if isinstance(p, pre_tokenizers.Sequence):
+                i = 0
+                while True:
+                    try:
+                        stack.append(p[i])
+                    except IndexError:
+                        break
+                    i += 1
+            elif isinstance(p, pre_tokenizers.Metaspace) and p.prepend_scheme == "first":
+                found.append(p)
+        return found
+
+    def encode_as_text(self, text: str, first: bool = True) -> list[int]:
+        """Tokenise with no special-token matching at all: "<MEM0>" becomes the pieces "<", "MEM", ...
+
+        first=False: the text continues a string (no "▁" prepended by a prepend_scheme="first" Metaspace, as
+        inside a whole string), so the pieces decode back to exactly the text.
+        """
+        spaces = [] if first else self._metaspaces()
+        self.tok.encode_special_tokens = True
+        for p in spaces:
+            p.prepend_scheme = "never"
+        try:
+            return self.tok.encode(text, add_special_tokens=False).ids
+        finally:
+            self.tok.encode_special_tokens = False
+            for p in spaces:
+                p.prepend_scheme = "first"
+
+    def encode_prompt(self, prompt: Prompt) -> list[int]:
+        """Token ids of a Prompt: control pieces become their special tokens; text never does.
+
+        The whole string is tokenised at once (so the ids are exactly what the string gives whenever the text
+        holds no special-token string: the golden Mistral prompts stay byte-identical); a special token whose
+        characters lie inside a text piece is then replaced by the same characters tokenised as text.
+        """
+        enc = self.tok.encode(str(prompt), add_special_tokens=False)
+        control, at = set(), 0
+        for s, is_control in prompt.parts:
+            if is_control:
+                control.add((at, at + len(s)))
+            at += len(s)
+        special, out, s = self._special_ids(), [], str(prompt)
+        for i, (a, b) in zip(enc.ids, enc.offsets):
+            if i in special and (a, b) not in control:  # text that spells a special token
+                out.extend(self.encode_as_text(s[a:b], first=a == 0))
+            else:  # text, or a control piece (one that is no token of this tokenizer stays what the string gives)
+                out.append(i)
+        return out
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
@@ -93,9 +361,13 @@ class Tokenizer:
 
 
 def chat(user: str, system: str | None = None, answer: str | None = None) -> str:
-    """The Mistral-Instruct v0.2 chat string (CLARA_SPEC.md §4); with `answer`, prompt + target + </s>."""
-    text = f"<s> [INST] {system}\n\n{user} [/INST]" if system else f"<s> [INST] {user} [/INST]"
-    return text if answer is None else f"{text} {answer}</s>"
+    """The Mistral-Instruct v0.2 chat string; with `answer`, prompt + target + </s>.
+
+    A plain str, i.e. a template: tokenised with `Tokenizer.encode`, every special-token string in it (in the
+    user text too) is the token. CLaRa's own prompts come from `clara.build_prompt`, whose text stays text.
+    """
+    text = MISTRAL.prompt(user, system)
+    return str(text if answer is None else text + MISTRAL.target(answer))
 
 
 def left_pad(rows: list[list[int]], pad_id: int, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -388,11 +388,11 @@ def timed_generation(clara: Clara, clock, generate_fn) -> tuple[list[str], dict]
 
 def memory_prompt(clara: Clara, question: str, k: int) -> str:
     """The prompt of the compressed and retrieval modes: k memory slots <MEM0..M-1><SEP> and the question."""
-    return build_prompt("answer", clara.mem_slots * k, question=question)[0]
+    return build_prompt("answer", clara.mem_slots * k, question=question, fmt=clara.fmt)[0]
 
 
-def closed_book_prompt(question: str) -> str:
-    return build_prompt("closed_book", "", question=question)[0]
+def closed_book_prompt(clara: Clara, question: str) -> str:
+    return build_prompt("closed_book", "", question=question, fmt=clara.fmt)[0]
 
 
 def run_batch(clara: Clara, mode: str, batch: list[dict], k: int, max_new_tokens: int,
@@ -419,7 +419,7 @@ def run_batch(clara: Clara, mode: str, batch: list[dict], k: int, max_new_tokens
         call = partial(clara.generate_from_text, questions, docs, max_new_tokens, adapter=opts.text_adapter)
     elif mode == "closed_book":
         used = [[] for _ in batch]
-        prompts = [closed_book_prompt(q) for q in questions]
+        prompts = [closed_book_prompt(clara, q) for q in questions]
         call = partial(clara.generate_closed_book, questions, max_new_tokens, adapter=opts.closed_book_adapter)
     elif mode == "retrieval":
         N = len(batch[0]["docs"])  # batches are cut where N changes (see `batches_of`)
@@ -448,13 +448,13 @@ def run_batch(clara: Clara, mode: str, batch: list[dict], k: int, max_new_tokens
 
     # Context sizes: what the decoder reads, and the same prompt with the raw text of the same documents.
     enc = clara.tok.encode_batch
-    raw_prompts = [text_prompt(r["question"], [r["docs"][i] for i in u]) for r, u in zip(batch, used)]
+    raw_prompts = [text_prompt(r["question"], [r["docs"][i] for i in u], clara.fmt) for r, u in zip(batch, used)]
     raw_tokens = [len(x) for x in enc(raw_prompts)] if mode != "closed_book" else [None] * B
     if mode in ("compressed", "retrieval"):
         context_tokens = [len(x) for x in enc([memory_prompt(clara, q, k) for q in questions])]
         # The compressor keeps doc_max_length tokens of "<ENC><s>doc</s>" (+3): the text baseline sees more.
         L = clara.cfg.doc_max_length + 3
-        lengths = [len(x) for x in enc([f"<ENC><s>{r['docs'][i]}</s>" for r, u in zip(batch, used) for i in u])]
+        lengths = [len(x) for x in enc([clara.tok.document(r["docs"][i]) for r, u in zip(batch, used) for i in u])]
         truncated = [sum(n > L for n in lengths[b * k:(b + 1) * k]) for b in range(B)]
     elif mode == "text":
         context_tokens, truncated = raw_tokens, [None] * B

@@ -578,8 +578,10 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
 @torch.inference_mode()
 def generate(model: Transformer, input_ids=None, attention_mask=None, inputs_embeds=None,
              max_new_tokens: int = 64, adapter: str | None = None, temperature: float = 0.0,
-             top_p: float = 1.0, eos_id: int | None = None, generator=None) -> list[list[int]]:
+             top_p: float = 1.0, eos_id=None, generator=None) -> list[list[int]]:
     """Batched generation with a KV cache; rows are LEFT padded. Returns each row's new tokens, EOS excluded.
+
+    eos_id: one id or several (a chat model stops at its end-of-turn token and at eos); default cfg.eos_id.
 
     Positions follow the attention mask (the first real token of each row is position 0), as Hugging
     Face's generate does, so results match it for left-padded batches.
@@ -590,6 +592,8 @@ def generate(model: Transformer, input_ids=None, attention_mask=None, inputs_emb
     if attention_mask is None:
         attention_mask = torch.ones(B, T, dtype=torch.long, device=device)
     eos_id = model.cfg.eos_id if eos_id is None else eos_id
+    stops = torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id), dtype=torch.long, device=device)
+    eos_id = int(stops[0])  # what a finished row emits from then on
     dtype = next(model.parameters()).dtype if inputs_embeds is None else inputs_embeds.dtype
     cache = KVCache(model.cfg, B, T + max_new_tokens, device, dtype)
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
@@ -605,10 +609,11 @@ def generate(model: Transformer, input_ids=None, attention_mask=None, inputs_emb
         tok = sample_next(logits, temperature, top_p, generator)  # (B,)
         tok = torch.where(done, torch.full_like(tok, eos_id), tok)
         out[:, n] = tok
-        done |= tok == eos_id
+        done |= torch.isin(tok, stops)
         if bool(done.all()) or n == max_new_tokens - 1:
             break
         logits = model(input_ids=tok[:, None], attention_mask=one, adapter=adapter, positions=pos, cache=cache)[:, -1]
         pos = pos + 1
     rows = out[:, :n + 1].tolist()
-    return [r[:r.index(eos_id)] if eos_id in r else r for r in rows]
+    stop = set(stops.tolist())
+    return [next((r[:i] for i, t in enumerate(r) if t in stop), r) for r in rows]

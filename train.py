@@ -77,6 +77,9 @@ def parse_args(argv=None):
                    "or .jsonl files of {\"text\": ...} or of CLaRa records, read as raw-text QA (read_texts)")
     g.add_argument("--out", default=None, help="output directory (default: out/stage{N})")
     g.add_argument("--init", default=None, help="previous stage's checkpoint (stage 2 from 1, stage 3 from 2)")
+    g.add_argument("--chat-format", default=None, choices=("mistral", "chatml", "llama3"),
+                   help="the base model's chat format (default: recognised from its tokenizer_config.json "
+                        "chat_template; a checkpoint keeps the one it was trained with)")
     g.add_argument("--resume", action="store_true", help="continue from OUT/resume exactly where it stopped")
     g = p.add_argument_group("hyper-parameters (default: the official value of the stage; see TINY for presets)")
     for name, typ, hlp in [("lr", float, "peak learning rate"), ("min_lr", float, "final learning rate of the cosine"),
@@ -129,6 +132,8 @@ def parse_args(argv=None):
         p.error("--stage 0 needs --data (text to pretrain the base on; there is no sample)")
     if args.tie_embeddings and (args.model not in PRESETS or args.init):
         p.error("--tie-embeddings 1 shapes a new preset model; a checkpoint (--model DIR or --init) keeps its own")
+    if args.chat_format and args.init:
+        p.error("--chat-format chooses a base model's format; a checkpoint (--init) keeps the one it was trained with")
     if args.retrieval_warmup and args.stage != 3:
         p.error(f"--retrieval-warmup trains stage 3's query reasoner; it cannot run with --stage {args.stage}")
     args.data = args.data or [str(ROOT / f"data/sample/stage{args.stage}.jsonl")]
@@ -192,7 +197,7 @@ def build_clara(a, dataset, device, dtype, rank) -> Clara:
             dist.barrier()
     torch.manual_seed(a.seed)  # adapter initialisation
     model = Transformer.from_pretrained(base, dtype=dtype, device=device)
-    return Clara(model, Tokenizer.from_pretrained(base), cfg, base_path=str(base))
+    return Clara(model, Tokenizer.from_pretrained(base, chat_format=a.chat_format), cfg, base_path=str(base))
 
 
 def preset_tokenizer(texts: list[str], vocab_size: int, split_punctuation: bool = False):
