@@ -398,6 +398,7 @@ def build_clara(a, dataset, device, dtype, rank) -> Clara:
         if rank == 0 and not (base / "config.json").exists():
             a.out.mkdir(parents=True, exist_ok=True)
             make_preset_base(a, dataset, base)
+        check_preset_base(a, base)
         if dist.is_initialized():
             dist.barrier()
     if a.stage in (2, 3):
@@ -457,7 +458,30 @@ def make_preset_base(a, dataset: JsonlDataset, path: Path):
     tmp = path.with_name(path.name + ".tmp")
     model.save_pretrained(tmp)
     tok.save(tmp)
+    write_json(tmp / "preset.json", preset_record(a))
     os.replace(tmp, path)
+
+
+def preset_record(a) -> dict:
+    """What a preset base is made from: a base in --out made from anything else is stale."""
+    return {"model": a.model, "vocab_size": a.vocab_size, "tie_embeddings": a.tie_embeddings, "seed": a.seed}
+
+
+def check_preset_base(a, base: Path):
+    """A preset base already in --out (an earlier stage or run) must be the one these flags would make."""
+    f = base / "preset.json"
+    if not f.is_file():
+        return  # made before preset.json was written: nothing to compare
+    try:
+        made = json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{f}: cannot be read ({e})") from None
+    want = preset_record(a)
+    for k, v in want.items():
+        if made.get(k) != v:
+            flag = "--" + k.replace("_", "-")
+            raise UsageError(f"{base} was made with {k} {made.get(k)!r}, this run asks for {v!r} ({flag}): use "
+                             f"another --out, or remove {base} to make a new base")
 
 
 def shard(clara: Clara, dtype, device):

@@ -464,3 +464,16 @@ def test_readme_full_size_commands_get_the_official_values(tiny_base, tmp_path, 
     # and the CPU default: the tiny preset gets TINY, and so does a stage from one of its checkpoints
     a = train.parse_args(["--stage", "1"])
     assert a.defaults == "tiny" and a.lr == train.TINY["lr"] and a.global_batch == train.TINY["global_batch"]
+
+
+def test_a_stale_preset_base_is_an_error(tmp_path, capsys):
+    """A preset base left in --out by an earlier run is reused only if these flags would make the same one."""
+    out = tmp_path / "out"
+    assert cli(capsys, "--stage", "1", "--out", out, *FAST, "--max-steps", "1")[0] == 0
+    before = tree(out / "base")
+    for flag, value in [("--vocab-size", "600"), ("--tie-embeddings", "1"), ("--seed", "3")]:
+        rc, err = cli(capsys, "--stage", "1", "--out", out, *FAST, "--max-steps", "1", flag, value)
+        line = error_line(err)
+        assert rc == 2 and f"{out / 'base'} was made with" in line and flag in line, line
+    assert tree(out / "base") == before
+    assert cli(capsys, "--stage", "1", "--out", out, *FAST, "--max-steps", "1")[0] == 0  # the same flags: reused
