@@ -87,8 +87,29 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+LORA_DEFAULTS = dict(lora_r=16, lora_alpha=32.0, lora_dropout=0.1)  # every stage, official and preset
+
+
+def stage_defaults(name: str) -> str:
+    """A hyper-parameter's real defaults for --help: per stage where they differ, and the preset's (TINY)."""
+    official = [(s, {**STAGES[s], **LORA_DEFAULTS}.get(name)) for s in (1, 2, 3)]
+    values = {v for _, v in official}
+    text = f"{official[0][1]}" if len(values) == 1 else ", ".join(f"stage {s} {v}" for s, v in official)
+    tiny = {**LORA_DEFAULTS, **TINY}.get(name)
+    if tiny is not None and tiny not in values | {None}:
+        text += f"; a preset model: {tiny}"
+    return text
+
+
+class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default unless it is None (those flags say their defaults in their help)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def make_parser() -> Parser:
-    p = Parser(prog="train.py", description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(prog="train.py", description=__doc__.split("\n")[0], formatter_class=DefaultsFormatter)
     g = p.add_argument_group("what to train")
     g.add_argument("--stage", type=int, choices=(0, 1, 2, 3), required=True,
                    help="1 compression pretraining, 2 instruction tuning, 3 end-to-end retrieval + generation; "
@@ -131,7 +152,8 @@ def make_parser() -> Parser:
                            ("mse_weight", float, "weight of the compression alignment loss"),
                            ("lora_r", int, "LoRA rank"), ("lora_alpha", float, "LoRA alpha (scale alpha / r)"),
                            ("lora_dropout", float, "dropout on the LoRA input")]:
-        g.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=hlp,
+        g.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None,
+                       help=f"{hlp} (default: {stage_defaults(name)})",
                        **({"choices": ("cosine", "constant")} if name == "schedule" else {}))
     g.add_argument("--candidates", type=int, default=None, help="stage 3: required number of candidates per question "
                    "(default: whatever the data holds, equal within a batch)")
@@ -332,7 +354,7 @@ def resolve_defaults(args, p, given: set):
     args.data = args.data or [str(ROOT / f"data/sample/stage{args.stage}.jsonl")]
     preset = STAGES[args.stage] | (TINY if family == "tiny" else {})
     args.explicit = {k for k in given if getattr(args, k, None) is not None}
-    defaults = dict(lora_r=16, lora_alpha=32.0, lora_dropout=0.1, train_base=int(args.model in PRESETS and not args.init))
+    defaults = dict(**LORA_DEFAULTS, train_base=int(args.model in PRESETS and not args.init))
     for k, v in (preset | defaults | inherited).items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
