@@ -437,11 +437,16 @@ class Clara(nn.Module):
         q, _ = self.compress(batch["q_ids"], batch["q_mask"], adapter="query")  # (B, M, H)
         return F.cosine_similarity(q.reshape(B, 1, -1).float(), D, dim=-1), D  # (B, N) fp32
 
-    def total_loss(self, out: dict, n_tokens=None) -> torch.Tensor:
-        """CE averaged over target tokens (`n_tokens` may be the global count across accumulation steps
-        and ranks) + mse_weight * alignment loss (stages 1 and 2)."""
+    def total_loss(self, out: dict, n_tokens=None, ranks: int = 1, micro_batches: int = 1) -> torch.Tensor:
+        """The one loss formula: CE summed over target tokens / their number + mse_weight * alignment loss
+        (stages 1 and 2; 0 in stage 3).
+
+        For one micro-batch's share of an optimizer step (train.py): `n_tokens` the target tokens of the whole
+        step (all micro-batches, all ranks), `ranks` the number of ranks (FSDP averages their gradients, so each
+        rank's CE is scaled up by it), `micro_batches` the accumulation steps (the mse is their mean).
+        """
         n = out["n_tokens"] if n_tokens is None else n_tokens
-        return out["ce_sum"] / n.clamp(min=1) + self.cfg.mse_weight * out["mse"]
+        return out["ce_sum"] * ranks / n.clamp(min=1) + self.cfg.mse_weight * out["mse"] / micro_batches
 
     # -- inference API (names and meaning of the official model) -----------------------------------
 

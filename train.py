@@ -1080,8 +1080,8 @@ def main(argv=None):
             ce_total, mse_total, hits, n_pos, truncated, tokens = 0.0, 0.0, 0.0, 0, 0, 0
             for m in micro:
                 out = clara(m, a.stage, "retrieval_warmup" if a.retrieval_warmup else "answer")
-                # FSDP averages gradients over ranks, hence * world: the sum of CE over the step / its tokens.
-                loss = out["ce_sum"] * world / n_tokens + a.mse_weight * out["mse"] / accum
+                # FSDP averages gradients over ranks, hence ranks=world: the sum of CE over the step / its tokens.
+                loss = clara.total_loss(out, n_tokens, ranks=world, micro_batches=accum)
                 loss.backward()
                 ce_total += out["ce_sum"].item()
                 mse_total += out["mse"].item() / accum
