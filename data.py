@@ -72,12 +72,6 @@ class Prompt(str):
     def __mul__(self, n: int):
         return Prompt(self.parts * n)
 
-    def join(self, items):  # Prompt.text("\n").join(docs): the separator and the items keep their kinds
-        out = Prompt()
-        for i, x in enumerate(items):
-            out = out + x if i == 0 else out + self + x
-        return out
-
 
 @dataclass(frozen=True)
 class ChatFormat:
@@ -262,9 +256,6 @@ class Tokenizer:
         new = [t for t in tokens if not self.has_token(t)]
         self.tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in new])
         return [self.token_id(t) for t in tokens]
-
-    def chat(self, user: str, system: str | None = None) -> Prompt:
-        return self.chat_format.prompt(user, system)
 
     def document(self, text: str) -> Prompt:
         """The document as the encoder reads it: <ENC> + bos (if the model has one) + text + eos."""
