@@ -670,17 +670,13 @@ class Clara(nn.Module):
     def from_pretrained(cls, path: str | Path, base_model: str | Path | None = None, dtype=None, device=None,
                         compr_rate: int | None = None, training_stage: int | None = None) -> "Clara":
         """Load a CLaRa checkpoint: ours (clara_config.json) or an official released folder (config.json +
-        adapters.pth). `base_model` overrides where the base decoder is read from (an HF directory, or a
+        adapters.pth), or the train.py run folder holding one. `base_model` overrides where the base decoder is read from (an HF directory, or a
         model preset name for checkpoints trained from a preset). A `compr_rate` that disagrees with the
         checkpoint's is an error, never silently ignored (an official defect)."""
-        path = complete_dir(Path(path))
-        if not path.is_dir():
-            raise FileNotFoundError(f"{path}: CLaRa checkpoint directory does not exist")
+        path = checkpoint_dir(path)  # a run folder means its checkpoint/; path.old after a killed swap
         if (path / "clara_config.json").exists():
             return _load_native(cls, path, base_model, dtype, device, compr_rate, training_stage)
-        if (path / "adapters.pth").exists():
-            return _load_official(cls, path, base_model, dtype, device, compr_rate)
-        raise FileNotFoundError(f"{path}: neither clara_config.json (this project) nor adapters.pth (official release)")
+        return _load_official(cls, path, base_model, dtype, device, compr_rate)
 
 
 # ----------------------------------------------------------------------------------------------------
