@@ -49,6 +49,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 DEFAULT_SRC = ROOT.parent / "shared" / "data" / "official_example_pretrain_data.jsonl"
+# glibc keeps a step's freed temporaries in the heap, so a CPU process's peak RSS is about twice what is alive;
+# with every block over 128 KiB mapped on its own (and returned when freed) the peak is what is alive: 0.48x
+# for a stage-1 sample (BENCHMARKS.md, "Stage-1 memory per sample"). It must be set before the child starts.
+CHILD_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "131072")}
 
 SIZES = {
     # One GPU: the method's k=5 and 256-token documents, rates 4/16/32, every held-out question.
@@ -90,7 +94,7 @@ def run(cmd: list, log: list, dry: bool) -> float:
         log.append({"command": shown, "seconds": None})
         return 0.0
     t0 = time.perf_counter()
-    subprocess.run([str(c) for c in cmd], cwd=ROOT, check=True)
+    subprocess.run([str(c) for c in cmd], cwd=ROOT, check=True, env=CHILD_ENV)
     seconds = time.perf_counter() - t0
     log.append({"command": shown, "seconds": round(seconds, 1)})
     return seconds
