@@ -407,6 +407,7 @@ def build_clara(a, dataset, device, dtype, rank) -> Clara:
         if a.stage == 2 and clara.loaded_stage == 2:  # a stage-2 checkpoint: continue with its decoder
             print0(f"stage 2: {a.init} is a stage-2 checkpoint; training continues with its decoder")
         elif a.stage == 2:
+            torch.manual_seed(a.seed)  # the fresh adapter's A from --seed: torch seeds itself at random
             clara.model.reset_adapter("decoder")  # stage 2 trains a FRESH decoder adapter
         if a.stage == 3 and "query" in clara.loaded_adapters:  # a stage-3 checkpoint: continue from its query
             print0(f"stage 3: {a.init} has a trained query reasoner; training continues from it")

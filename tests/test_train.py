@@ -96,6 +96,19 @@ def test_stage2_from_stage1_and_stage3_from_stage2(stage1, tmp_path):
     assert any(not torch.equal(q3[k], enc3[k.replace(".query", ".encoder")]) for k in q3)
 
 
+def test_stage2_fresh_decoder_is_drawn_from_the_seed(stage1, tmp_path):
+    """The decoder adapter that stage 2 starts afresh is a function of --seed (torch seeds its own generator
+    at random in every process): two runs from the same checkpoint end with the same weights."""
+    s1, _ = stage1
+    args = ["--init", str(s1 / "checkpoint"), "--max-steps", "1", "--top-k", "5", "--max-len", "400",
+            "--data", one_batch(tmp_path, 2)]
+    run(tmp_path / "a", 2, *args)
+    run(tmp_path / "b", 2, *args)
+    a = Clara.from_pretrained(tmp_path / "a" / "checkpoint").model.adapter_parameters("decoder")
+    b = Clara.from_pretrained(tmp_path / "b" / "checkpoint").model.adapter_parameters("decoder")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_retrieval_warmup_trains_the_query_reasoner_alone(stage1, tmp_path):
     s1, _ = stage1
     s2 = tmp_path / "s2"
