@@ -936,6 +936,100 @@ def pretrain_base(a, device, dtype):
 
 
 # ----------------------------------------------------------------------------------------------------
+# FLOPs and MFU: one count for train.py's metrics, bench/bench_train.py and bench/gpu_check.py
+# (docs/training.md#mfu)
+
+PEAK_BF16 = 989e12  # FLOP/s of one H100/H200 SXM, dense bf16: the MFU denominator on a GPU
+
+
+def block_linears(cfg: ModelConfig) -> list[tuple[int, int]]:
+    """(in, out) of the seven projections of one block, in order q, k, v, o, gate, up, down."""
+    H, q, kv, inner = cfg.dim, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.intermediate_size
+    return [(H, q), (H, kv), (H, kv), (q, H), (H, inner), (H, inner), (inner, H)]
+
+
+def causal_pairs(n: torch.Tensor, window: int | None) -> int:
+    """(query, key) pairs that causal attention (within the sliding window) computes for rows of n real
+    tokens: token i sees min(i + 1, window) keys, so a row holds n(n+1)/2 pairs, or, past the window,
+    w(w+1)/2 + (n - w) w."""
+    n = n.long()
+    if window is None:
+        return int((n * (n + 1) // 2).sum())
+    w = torch.clamp(n, max=window)  # (rows,)
+    return int((w * (w + 1) // 2 + (n - w) * window).sum())
+
+
+def pass_flops(cfg: ModelConfig, lora_rank: int, mask: torch.Tensor, trains: bool, input_grad: bool = True,
+               train_base: bool = False, targets: int = 0) -> int:
+    """Matmul FLOPs of one pass of the decoder stack, one LoRA adapter active, over left-padded rows.
+
+    mask (rows, T): 1 = a real token; padding is not useful work and does not count. With, summed over the
+    layers, P = the base weights of the projections (in * out each) and R = one adapter's (r * (in + out)):
+
+        per real token     forward                          2 (P + R)
+                           backward (trains=True only):     2 (P + R)  input gradients: a frozen weight
+                                                                       still passes the gradient down
+                                                          + 2 R        the adapter's A and B gradients
+                                                          + 2 P        the base's weight gradients (train_base)
+        per causal pair    forward                          4 D Hq     QK^T and PV, every layer
+        of real tokens     backward (trains=True only):     8 D Hq     dQ, dK, dV and dP
+        per target         forward                          2 V H      the output layer, only where there is a
+                           backward (trains=True only):     2 V H      target (Clara.decoder_loss), + 2 V H
+                                                                       with train_base
+    input_grad=False: the pass's input embeddings carry no gradient, so autograd skips the input gradient of
+    the first layer's q, k and v (2 (in*out + r*in) each per token; the query reasoner, stage 2's encoder).
+    Not counted: norms, RoPE, SwiGLU, softmax, biases, the cosine scores and the top-k (all elementwise or
+    below 0.1%), and recomputation: activation checkpointing re-runs the forward, but MFU counts the
+    model's FLOPs, not the hardware's (as the PaLM paper defines it), so it shows as a lower MFU.
+    """
+    linears = block_linears(cfg)
+    P = cfg.n_layers * sum(i * o for i, o in linears)
+    R = cfg.n_layers * sum(lora_rank * (i + o) for i, o in linears)
+    n = mask.sum(1)  # (rows,) real tokens per row
+    tokens = int(n.sum())
+    attn = 4 * cfg.head_dim * cfg.n_heads * cfg.n_layers * causal_pairs(n, cfg.sliding_window)
+    head = 2 * cfg.vocab_size * cfg.dim * targets
+    flops = 2 * (P + R) * tokens + attn + head
+    if trains:
+        flops += (2 * (P + R) + 2 * R + 2 * P * train_base) * tokens + 2 * attn + head * (1 + train_base)
+        if not input_grad and not train_base:  # (train_base: the embeddings and norms train, so x needs one)
+            flops -= sum(2 * (i * o + lora_rank * i) for i, o in linears[:3]) * tokens
+    return flops
+
+
+def batch_flops(cfg: ModelConfig, lora_rank: int, batch: dict, stage: int, objective: str = "answer",
+                train_base: bool = False) -> int:
+    """FLOPs of one forward + backward of a collated batch (Clara.loss, then backward), pass by pass:
+
+        stages 1, 2   the documents through the trained encoder (their input embeddings carry a gradient
+                      in stage 1 only: the <MEMi> rows train), the prompts through the trained decoder
+        stage 3       the N candidates through the frozen encoder under no_grad (forward only), the
+                      questions through the trained query reasoner, the prompts through the trained decoder
+                      (the retrieval warm-up runs no decoder)
+
+    The decoder's inputs always carry a gradient (the spliced memory); its targets are the labelled
+    positions after the shift, exactly the logits Clara.decoder_loss computes. A step's FLOPs are the sum
+    over its micro-batches and ranks.
+    """
+    def count(mask, **kw):
+        return pass_flops(cfg, lora_rank, mask, train_base=train_base, **kw)
+
+    dec = batch["dec"]
+    decoder = count(dec["mask"], trains=True, targets=int((dec["labels"][:, 1:] != -100).sum()))
+    if stage in (1, 2):
+        return count(batch["enc_mask"], trains=True, input_grad=stage == 1) + decoder
+    docs = count(batch["enc_mask"], trains=False)
+    query = count(batch["q_mask"], trains=True, input_grad=False)
+    return docs + query + (0 if objective == "retrieval_warmup" else decoder)
+
+
+def mfu(flops: float, seconds: float, peak: float) -> float:
+    """Model FLOPs utilisation: the FLOPs the model needed (batch_flops) / the time / the peak FLOP/s of
+    the devices that ran them (PEAK_BF16 x ranks on H100/H200)."""
+    return flops / seconds / peak
+
+
+# ----------------------------------------------------------------------------------------------------
 
 def check_data(a):
     """--data: files, not folders; said in one line before anything else is read or written."""
@@ -1020,6 +1114,8 @@ def main(argv=None):
             params.pop(k).requires_grad_(False)
     n_train = sum(p.numel() for p in params.values())
     n_base = sum(p.numel() for n, p in clara.model.named_parameters() if "lora_" not in n)
+    objective = "retrieval_warmup" if a.retrieval_warmup else "answer"
+    trains_base = bool(a.train_base) and not a.retrieval_warmup  # the warm-up trains the query reasoner alone
     if distributed:
         shard(clara, dtype, device)
     trainable = [p for p in clara.parameters() if p.requires_grad]
@@ -1078,9 +1174,9 @@ def main(argv=None):
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, total, a)
             torch.manual_seed(a.seed * 100003 + step * world + rank)  # LoRA dropout: a function of the step
-            ce_total, mse_total, hits, n_pos, truncated, tokens = 0.0, 0.0, 0.0, 0, 0, 0
+            ce_total, mse_total, hits, n_pos, truncated, tokens, flops = 0.0, 0.0, 0.0, 0, 0, 0, 0
             for m in micro:
-                out = clara(m, a.stage, "retrieval_warmup" if a.retrieval_warmup else "answer")
+                out = clara(m, a.stage, objective)
                 # FSDP averages gradients over ranks, hence ranks=world: the sum of CE over the step / its tokens.
                 loss = clara.total_loss(out, n_tokens, ranks=world, micro_batches=accum)
                 loss.backward()
@@ -1088,12 +1184,14 @@ def main(argv=None):
                 mse_total += out["mse"].item() / accum
                 truncated += m["truncated"]
                 tokens += int(m["enc_mask"].sum()) + int(m["dec"]["mask"].sum())
+                flops += batch_flops(clara.model.cfg, clara.cfg.lora_r, m, a.stage, objective, trains_base)
                 if a.stage == 3:
                     for row, pos in zip(out["topk"].tolist(), m["pos_index"]):
                         if pos:
                             hits += len(set(row) & set(pos)) / len(pos)
                             n_pos += 1
-            stats = torch.tensor([ce_total, mse_total, hits, n_pos, truncated, tokens], device=device, dtype=torch.float64)
+            stats = torch.tensor([ce_total, mse_total, hits, n_pos, truncated, tokens, flops], device=device,
+                                 dtype=torch.float64)
             if distributed:
                 dist.all_reduce(stats)
             ce = stats[0].item() / n_tokens.item()
@@ -1126,11 +1224,8 @@ def main(argv=None):
                    "samples_per_s": a.global_batch / dt}
             if a.stage == 3 and stats[3] > 0:
                 rec[f"recall@{a.top_k}"] = stats[2].item() / stats[3].item()
-            if device.type == "cuda":
-                # LoRA on a frozen base: forward 2N, backward 2N (activation grads only) FLOPs per token,
-                # + 2N recompute with activation checkpointing; attention FLOPs left out. H100/H200 bf16 dense peak.
-                flops = (4 + 2 * a.activation_checkpointing) * n_base * stats[5].item()
-                rec["mfu"] = flops / dt / (989e12 * world)
+            if device.type == "cuda":  # the peak is an H100/H200's; a CPU has no figure to divide by
+                rec["mfu"] = mfu(stats[6].item(), dt, PEAK_BF16 * world)
             bar.update(1)
             bar.set_postfix(loss=f"{rec['loss']:.4f}")
             if log and (step % a.log_every == 0 or step == stop_at):

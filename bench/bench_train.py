@@ -5,10 +5,10 @@
 
 Synthetic batches with the official shapes (stage 1: one document of doc_len tokens + a QA target, micro
 batch 2; stage 3: N candidates compressed without gradient + the query reasoner + top-k + the decoder).
-MFU counts only the matmul FLOPs of the frozen base with LoRA: forward 2·P per token, backward 2·P per token
-(activation gradients; no weight gradients for the frozen base), + 2·P with activation checkpointing
-(recompute), for the tokens that get a gradient; 2·P per token for the no-grad document compression of
-stage 3. P = base parameters without embeddings. Peak: 989 TFLOP/s (H100/H200 dense bf16).
+MFU is train.py's: `train.batch_flops` (2·P a token forward; 4·P a token through a trained pass,
+whose frozen base still passes input gradients down; the adapters' terms, causal attention and the output
+layer at the targets; no recompute), divided by the time and 989 TFLOP/s (`train.PEAK_BF16`, H100/H200
+dense bf16). The rule in full: docs/training.md#mfu.
 """
 import argparse
 import sys
@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from clara import Clara, ClaraConfig  # noqa: E402
 from data import train_tokenizer  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
+from train import PEAK_BF16, batch_flops, mfu  # noqa: E402
 
 WORDS = "the of and to in is was for on as with by at from his her an which first new time year city".split()
 
@@ -32,6 +33,11 @@ def fake_records(stage, n, n_cand, rng):
         return [{"data_type": "qa", "question": [doc(8)] * 3, "answers": [doc(6)] * 3, "docs": [doc(180)]} for _ in range(n)]
     return [{"question": doc(12), "docs": [doc(180) for _ in range(n_cand)], "answer": doc(4), "pos_index": [0]}
             for _ in range(n)]
+
+
+def step_flops(clara: Clara, batch, stage: int) -> int:
+    """The FLOPs of one timed step: train.py's count (the method's trainable set, the answer objective)."""
+    return batch_flops(clara.model.cfg, clara.cfg.lora_r, batch, stage)
 
 
 def main():
@@ -72,7 +78,7 @@ def main():
         clara.to(device)
         opt = torch.optim.AdamW(params.values(), lr=1e-5)
         clara.train()
-        times, toks, grad_toks, nograd_toks = [], 0, 0, 0
+        times, toks, flops = [], 0, 0
         for step in range(a.steps + 1):
             batch = clara.collate(fake_records(stage, a.micro_batch, a.candidates, rng), stage)
             if device.type == "cuda":
@@ -91,12 +97,10 @@ def main():
             dec = int(batch["dec"]["mask"].sum())
             q = int(batch["q_mask"].sum()) if stage == 3 else 0
             toks += enc + dec + q
-            grad_toks += dec + q + (enc if stage == 1 else 0)
-            nograd_toks += enc if stage == 3 else 0
+            flops += step_flops(clara, batch, stage)
         dt = sum(times)
-        flops = (4 + 2 * a.activation_checkpointing) * P * grad_toks + 2 * P * nograd_toks
-        mfu = f"{flops / dt / 989e12:.1%}" if device.type == "cuda" else "n/a (CPU)"
-        print(f"| {stage} | {a.micro_batch * a.steps / dt:.2f} | {toks / dt:,.0f} | {mfu} |")
+        util = f"{mfu(flops, dt, PEAK_BF16):.1%}" if device.type == "cuda" else "n/a (CPU)"
+        print(f"| {stage} | {a.micro_batch * a.steps / dt:.2f} | {toks / dt:,.0f} | {util} |")
 
 
 if __name__ == "__main__":

@@ -75,7 +75,6 @@ DRY = ARGS.dry_run
 CUDA = torch.cuda.is_available() and not DRY
 DEV = torch.device("cuda" if CUDA else "cpu")
 BF16 = torch.bfloat16
-PEAK_BF16 = 989e12  # H100/H200 SXM dense bf16 (the figure bench/bench_train.py uses)
 HBM_BW = {"H200": 4.8e12, "H100": 3.35e12}  # bytes/s, for the decode roofline
 
 RESULTS = {"meta": {}, "parts": {}}
@@ -742,15 +741,17 @@ def part_c(st, md, end):
     """bench/bench_train.py's loop, in process, for each attention backend (stage 1, then stage 3)."""
     import random
     sys.path.insert(0, os.path.join(ROOT, "bench"))
-    from bench_train import fake_records
+    from bench_train import fake_records, step_flops
     from clara import Clara, ClaraConfig
+    from train import PEAK_BF16, mfu
     model, tok, P_, shape = seven_b()
     steps = 4 if CUDA else 1
     micro, cands = (2, 20) if CUDA else (2, 6)
     rows = st.setdefault("rows", [])
     md.append(f"{shape}, random weights, {'bf16' if CUDA else 'fp32'}, micro-batch {micro}, {cands} candidates, "
               f"{steps} timed steps after 1 warm-up, no activation checkpointing; figures of the median step. MFU = "
-              f"(4*P*grad tokens + 2*P*no-grad tokens) / time / 989 TFLOP/s (bench/bench_train.py's formula).\n")
+              f"train.batch_flops / time / 989 TFLOP/s (train.py's and bench/bench_train.py's count, "
+              f"docs/training.md#mfu).\n")
     md.append("| attention | stage | samples/s | tokens/s | MFU | median step s | all steps s | warm-up step s | peak GiB |")
     md.append("|---|---|---:|---:|---:|---:|---|---:|---:|")
     clara = None
@@ -774,7 +775,7 @@ def part_c(st, md, end):
                 clara.train()
                 if CUDA:
                     torch.cuda.reset_peak_memory_stats()
-                times, toks, gtoks, ngtoks, per_step = [], 0, 0, 0, []
+                times, toks, flops, per_step = [], 0, 0, []
                 for step in range(steps + 1):
                     batch = clara.collate(fake_records(stage, micro, cands, rng), stage)
                     sync()
@@ -793,19 +794,18 @@ def part_c(st, md, end):
                     dec = int(batch["dec"]["mask"].sum())
                     qn = int(batch["q_mask"].sum()) if stage == 3 else 0
                     toks += enc + dec + qn
-                    gtoks += dec + qn + (enc if stage == 1 else 0)
-                    ngtoks += enc if stage == 3 else 0
-                    per_step.append((dt, enc + dec + qn, (4 * P_ * (dec + qn + (enc if stage == 1 else 0))
-                                                         + 2 * P_ * (enc if stage == 3 else 0))))
+                    fl = step_flops(clara, batch, stage)
+                    flops += fl
+                    per_step.append((dt, enc + dec + qn, fl))
                     if time.time() > end - 5:
                         break
                 # median step: a timed step can still meet a new Triton specialisation (T % 16) and compile
                 per_step.sort(key=lambda x: x[0])
                 dt_m, tok_m, fl_m = per_step[len(per_step) // 2]
                 row.update(steps=len(times), step_times_s=[round(t, 3) for t in times], step_s=dt_m,
-                           samples_s=micro / dt_m, tokens_s=tok_m / dt_m, mfu=fl_m / dt_m / PEAK_BF16,
+                           samples_s=micro / dt_m, tokens_s=tok_m / dt_m, mfu=mfu(fl_m, dt_m, PEAK_BF16),
                            mean_tokens_s=toks / sum(times),
-                           mean_mfu=(4 * P_ * gtoks + 2 * P_ * ngtoks) / sum(times) / PEAK_BF16,
+                           mean_mfu=mfu(flops, sum(times), PEAK_BF16),
                            peak_gib=torch.cuda.max_memory_allocated() / 2**30 if CUDA else None)
                 del opt, out, batch
             rows.append(row)
