@@ -3,7 +3,7 @@
 This file is the method (paper arXiv 2511.18659; behaviour of the official `modeling_clara.py` as written
 down in docs/method.md, never its code). One frozen decoder (model.py) carries three LoRA adapters:
 
-    encoder  compresses a document:  "<ENC><s>{doc}</s>" (left padded to L+3) + <MEM0..M-1>
+    encoder  compresses a document:  "<ENC><s>{doc}</s>" (cut, left padded) + <MEM0..M-1>: L tokens
              -> final hidden states (after the last RMSNorm) at the M memory positions  = (M, H)
     decoder  answers: a chat prompt whose memory slots <MEM0..M-1><SEP> (one group per document)
              have their embeddings overwritten by the compressed vectors of those documents
@@ -11,14 +11,15 @@ down in docs/method.md, never its code). One frozen decoder (model.py) carries t
              candidates -> differentiable top-k (topk.py) -> the selected vectors go into the slots
 
 Stages (docs/method.md#stages): 1 = compression pretraining (QA / paraphrase targets, encoder + decoder +
-<MEMi> embedding rows), 2 = instruction tuning (k documents per question, encoder + a fresh decoder),
+<MEMi> embedding rows), 2 = instruction tuning (K documents per question, encoder + a fresh decoder),
 3 = end to end (query + decoder; documents compressed without gradient by the frozen encoder).
 
 Also here: the inference API of the official model (same names), a memory bank of compressed documents
 searched by the query reasoner, our checkpoint format, and an importer for the released folders.
 
 Shape legend: B questions, N candidates, K documents per prompt (top-k), M memory tokens per document,
-T decoder tokens, L encoder tokens (doc_max_length + 3 + M), H hidden size.
+T decoder tokens, L tokens of an encoder row (doc_max_length + 3 + M), H hidden size; E documents per
+question in a batch (K in stages 1 and 2, N in stage 3).
 """
 from __future__ import annotations
 
@@ -161,6 +162,61 @@ def text_prompt(question: str, docs: list[str], fmt: ChatFormat = MISTRAL) -> Pr
 
 
 # ----------------------------------------------------------------------------------------------------
+# A training batch, and what a stage's forward returns
+
+@dataclass
+class Batch:
+    """The tensors of one training batch (`Clara.collate`). Each field means one thing in every stage.
+
+    The encoder rows are question-major: question b owns rows b*E .. b*E+E-1, E = docs_per_question.
+    """
+    doc_ids: torch.Tensor      # (B*E, L) the documents as encoder rows (`tokenize_for_encoder`)
+    doc_mask: torch.Tensor     # (B*E, L) 1 = token, 0 = left padding
+    docs_per_question: int     # E: K documents per prompt (stages 1, 2), N candidates (stage 3)
+    truncated: int             # documents longer than doc_max_length, cut on the right
+    dec_ids: torch.Tensor      # (B, T) decoder prompt + target, left padded; memory slots as <MEMi>
+    dec_mask: torch.Tensor     # (B, T)
+    labels: torch.Tensor       # (B, T) the target tokens (answer + end of turn), -100 elsewhere
+    q_ids: torch.Tensor | None = None    # (B, L) stage 3: the questions as encoder rows (query reasoner)
+    q_mask: torch.Tensor | None = None   # (B, L)
+    pos_index: list[list[int] | None] | None = None  # stage 3: each question's positive candidates, if known
+
+    @property
+    def docs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.doc_ids, self.doc_mask
+
+    @property
+    def questions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.q_ids, self.q_mask
+
+    @property
+    def n_targets(self) -> int:
+        """Target tokens of the answer objective (what its summed CE is divided by)."""
+        return int((self.labels != -100).sum())
+
+
+@dataclass
+class StageLoss:
+    """What one stage's forward returns (`Clara.loss`); `Clara.total_loss` makes the training loss of it.
+
+    The answer objective fills ce_sum / n_targets, the retrieval warm-up infonce_sum / n_questions.
+    """
+    mse: torch.Tensor                         # the alignment loss (stages 1, 2); 0 in stage 3
+    ce_sum: torch.Tensor | None = None        # the decoder's cross-entropy summed over its target tokens
+    n_targets: torch.Tensor | None = None     # their number
+    infonce_sum: torch.Tensor | None = None   # the warm-up's InfoNCE summed over the questions
+    n_questions: torch.Tensor | None = None   # their number
+    topk: torch.Tensor | None = None          # (B, K) stage 3: the selected candidates, best first
+
+    @property
+    def objective(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the objective summed over its terms, their number), whichever objective ran."""
+        if self.infonce_sum is not None:
+            return self.infonce_sum, self.n_questions
+        return self.ce_sum, self.n_targets
+
+
+# ----------------------------------------------------------------------------------------------------
 # The model
 
 class Clara(nn.Module):
@@ -250,32 +306,36 @@ class Clara(nn.Module):
             p.requires_grad_(True)
         return params
 
-    # -- compression --------------------------------------------------------------------------------
+    # -- the encoder: documents (and stage-3 questions) -> memory vectors ------------------------------
 
-    def tokenize_documents(self, docs: list[str]) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """"<ENC><s>doc</s>" cut on the right to L+3 tokens, LEFT padded, + the M memory tokens.
+    def tokenize_for_encoder(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Documents, or stage-3 questions (laid out exactly alike), as encoder rows of L tokens:
+        "<ENC><s>text</s>" cut on the right to doc_max_length + 3 tokens, LEFT padded to that, then the M
+        memory tokens (L = doc_max_length + 3 + M).
 
         <s> / </s> are the model's own bos / eos (`Tokenizer.document`; no bos for a model without one).
         The text is text: a document holding "<MEM0>" or "</s>" does not open a slot or end early.
-        Returns ids and mask (n_docs, L+3+M) on the model's device and the number of truncated documents.
+        Returns ids and mask (n, L) on the model's device and the number of texts that were cut.
         """
-        L = self.cfg.doc_max_length + 3
-        rows = self.tok.encode_batch([self.tok.document(d) for d in docs])
-        truncated = sum(len(r) > L for r in rows)
-        ids, mask = left_pad([r[:L] for r in rows], self.tok.pad_id, L)  # (n, L+3)
-        n = len(docs)
-        ids = torch.cat([ids, self.mem_ids.expand(n, -1)], 1)  # (n, L+3+M)
+        n_text = self.cfg.doc_max_length + 3  # <ENC>, <s>, the text, </s>
+        rows = self.tok.encode_batch([self.tok.document(t) for t in texts])
+        truncated = sum(len(r) > n_text for r in rows)
+        ids, mask = left_pad([r[:n_text] for r in rows], self.tok.pad_id, n_text)  # (n, L - M)
+        n = len(texts)
+        ids = torch.cat([ids, self.mem_ids.expand(n, -1)], 1)  # (n, L)
         mask = torch.cat([mask, torch.ones(n, self.cfg.n_mem, dtype=mask.dtype)], 1)
         return ids.to(self.device), mask.to(self.device), truncated
 
-    def compress(self, ids: torch.Tensor, mask: torch.Tensor, adapter: str = "encoder"):
-        """Encoder pass -> memory vectors (n, M, H) and the alignment loss (docs/method.md#losses).
+    def encode(self, ids: torch.Tensor, mask: torch.Tensor, adapter: str = "encoder"):
+        """Encoder rows (n, L) -> their memory vectors (n, M, H) and the alignment loss (docs/method.md#losses).
 
-        mse = mean over documents and hidden units of (mean_t∈mem h_t - mean_t∈text h_t)^2, where "text"
-        is every real non-memory token (<ENC>, <s>, the document, </s>).
+        adapter "encoder" compresses documents, "query" encodes stage-3 questions (the query reasoner).
+        mse = mean over rows and hidden units of (mean_t∈mem h_t - mean_t∈text h_t)^2, where "text"
+        is every real non-memory token (<ENC>, <s>, the text, </s>).
         """
         M = self.cfg.n_mem
-        h = self.model(inputs_embeds=self.embed(ids), attention_mask=mask, adapter=adapter, output="hidden")  # (n, L, H)
+        h = self.model(inputs_embeds=self.embed(ids), attention_mask=mask, adapter=adapter,
+                       output="hidden")  # (n, L, H)
         mem = h[:, -M:]  # (n, M, H): the memory tokens are always the last M positions
         text_mask = mask.clone()
         text_mask[:, -M:] = 0
@@ -285,8 +345,8 @@ class Clara(nn.Module):
 
     # -- decoder prompts ----------------------------------------------------------------------------
 
-    def tokenize_prompts(self, prompts: list[str], targets: list[str | None]) -> dict:
-        """Chat prompts (+ targets) -> left-padded ids, mask and labels (-100 except target + end of turn).
+    def tokenize_prompts(self, prompts: list[str], targets: list[str | None]):
+        """Chat prompts (+ targets) -> left-padded ids, mask and labels (B, T) (-100 except target + end of turn).
 
         A prompt from `build_prompt` keeps its text as text; a plain str is read as a template the caller wrote
         (every special-token string in it is the token). The target is joined as the chat format says
@@ -310,7 +370,7 @@ class Clara(nn.Module):
             labels.append([-100] * len(p_ids) + full[len(p_ids):])
         ids, mask = left_pad(rows, self.tok.pad_id)  # (B, T)
         lab, _ = left_pad([lb[:len(r)] for lb, r in zip(labels, rows)], -100)  # (B, T)
-        return {"ids": ids.to(self.device), "mask": mask.to(self.device), "labels": lab.to(self.device)}
+        return ids.to(self.device), mask.to(self.device), lab.to(self.device)
 
     def splice(self, ids: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
         """Prompt embeddings with document j's M vectors written into the j-th memory slot.
@@ -329,11 +389,12 @@ class Clara(nn.Module):
                              f"{self.cfg.max_len} and was cut: raise max_len)")
         return emb.masked_scatter(is_mem[..., None], memory.to(emb.dtype))
 
-    def decoder_loss(self, batch: dict, memory: torch.Tensor):
-        """Sum of token cross-entropies (fp32, shifted by one) and the number of target tokens."""
-        emb = self.splice(batch["ids"], memory)  # (B, T, H)
-        h = self.model(inputs_embeds=emb, attention_mask=batch["mask"], adapter="decoder", output="hidden")
-        labels = batch["labels"][:, 1:]  # (B, T-1): token t+1 is predicted at position t
+    def decoder_ce_sum(self, batch: "Batch", memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoder's cross-entropy SUMMED over the target tokens (fp32, shifted by one), and their number:
+        `total_loss` divides by the count of the whole optimizer step. memory (B, K, M, H) fills the slots."""
+        emb = self.splice(batch.dec_ids, memory)  # (B, T, H)
+        h = self.model(inputs_embeds=emb, attention_mask=batch.dec_mask, adapter="decoder", output="hidden")
+        labels = batch.labels[:, 1:]  # (B, T-1): token t+1 is predicted at position t
         keep = labels != -100
         logits = self.model.output(h[:, :-1][keep]).float()  # (n_targets, V): only where there is a target
         ce = F.cross_entropy(logits, labels[keep], reduction="sum")
@@ -341,7 +402,7 @@ class Clara(nn.Module):
 
     # -- batches and the three stage losses --------------------------------------------------------
 
-    def collate(self, records: list[dict], stage: int, seed: int = 0) -> dict:
+    def collate(self, records: list[dict], stage: int, seed: int = 0) -> "Batch":
         """Validated records (data.py) -> the tensors of one batch.
 
         stage 1: {"data_type", "question", "answers", "docs"} one document each
@@ -349,104 +410,107 @@ class Clara(nn.Module):
         The paraphrase template is drawn per record from (seed, the record's file:line), so it does not
         depend on how records are grouped into batches or ranks.
         """
-        docs = [d for r in records for d in r["docs"]]
-        k = len(records[0]["docs"])
-        if any(len(r["docs"]) != k for r in records):
+        E = len(records[0]["docs"])  # documents per question: K (stages 1, 2) or N candidates (stage 3)
+        if any(len(r["docs"]) != E for r in records):
             raise ValueError(f"collate: every record of a batch needs the same number of documents; got "
                              f"{[len(r['docs']) for r in records]}")
-        enc_ids, enc_mask, truncated = self.tokenize_documents(docs)
-        prompts, targets = [], []
-        for i, r in enumerate(records):
-            rng = random.Random(f"{seed}:{r.get('_where', i)}")
-            if stage == 1 and r["data_type"] == "qa":
-                p, t = build_prompt("qa", self.mem_slots, qa=list(zip(r["question"], r["answers"])), fmt=self.fmt)
-            elif stage == 1:
-                p, t = build_prompt("paraphrase", self.mem_slots, template=rng.randrange(len(PARAPHRASE_TEMPLATES)),
-                                    fmt=self.fmt)
-                t = r["answers"][0]
-            else:
-                n_slots = self.cfg.generation_top_k if stage == 3 else k
-                p, t = build_prompt("answer", self.mem_slots * n_slots, question=r["question"], fmt=self.fmt)
-                t = r["answer"]
-            prompts.append(p)
-            targets.append(t)
-        batch = {"enc_ids": enc_ids, "enc_mask": enc_mask, "docs_per_row": k, "truncated": truncated,
-                 "dec": self.tokenize_prompts(prompts, targets)}
-        if stage == 3:
-            q_ids, q_mask, _ = self.tokenize_documents([r["question"] for r in records])
-            batch.update(q_ids=q_ids, q_mask=q_mask, pos_index=[r.get("pos_index") for r in records])
+        doc_ids, doc_mask, truncated = self.tokenize_for_encoder([d for r in records for d in r["docs"]])
+        examples = [self.example(r, stage, seed, i) for i, r in enumerate(records)]
+        dec_ids, dec_mask, labels = self.tokenize_prompts(*map(list, zip(*examples)))  # (B, T) each
+        batch = Batch(doc_ids, doc_mask, E, truncated, dec_ids, dec_mask, labels)
+        if stage == 3:  # the questions, for the query reasoner; pos_index only for recall@k and the warm-up
+            batch.q_ids, batch.q_mask, _ = self.tokenize_for_encoder([r["question"] for r in records])
+            batch.pos_index = [r.get("pos_index") for r in records]
         return batch
 
-    def forward(self, batch: dict, stage: int, objective: str = "answer") -> dict:
+    def example(self, record: dict, stage: int, seed: int = 0, i: int = 0) -> tuple[Prompt, str]:
+        """One record's training prompt and target (docs/method.md#prompts). Stage 3's prompt has top-k
+        slots, whatever the number of candidates; `i` names a record without a file:line (`_where`)."""
+        r, slots = record, self.mem_slots
+        if stage == 1 and r["data_type"] == "qa":
+            return build_prompt("qa", slots, qa=list(zip(r["question"], r["answers"])), fmt=self.fmt)
+        if stage == 1:
+            rng = random.Random(f"{seed}:{r.get('_where', i)}")
+            template = rng.randrange(len(PARAPHRASE_TEMPLATES))
+            return build_prompt("paraphrase", slots, template=template, fmt=self.fmt)[0], r["answers"][0]
+        K = self.cfg.generation_top_k if stage == 3 else len(r["docs"])
+        return build_prompt("answer", slots * K, question=r["question"], fmt=self.fmt)[0], r["answer"]
+
+    def forward(self, batch: "Batch", stage: int, objective: str = "answer") -> "StageLoss":
         """The training forward is the stage loss (FSDP's hooks run around a module's forward)."""
         return self.loss(batch, stage, objective)
 
-    def loss(self, batch: dict, stage: int, objective: str = "answer") -> dict:
-        """One stage's loss pieces: {"ce_sum", "n_tokens", "mse", ...}; see `total_loss`.
+    def loss(self, batch: "Batch", stage: int, objective: str = "answer") -> "StageLoss":
+        """One stage's loss pieces (see `StageLoss`, `total_loss`).
 
         objective="retrieval_warmup" (stage 3 only): the official optional warm-up instead of the answer
-        loss; "ce_sum" is then the summed InfoNCE of the rows and "n_tokens" their number.
+        loss: InfoNCE over the query reasoner's scores, supervised by pos_index; no decoder pass.
         """
-        B, k = batch["dec"]["ids"].shape[0], batch["docs_per_row"]
+        zero = torch.zeros((), device=batch.dec_ids.device)
         if objective == "retrieval_warmup":
             if stage != 3:
                 raise ValueError(f"the retrieval warm-up is a stage-3 objective, got stage {stage}")
-            scores, _ = self.score_candidates(batch, k)  # (B, N)
-            nce = retrieval_infonce(scores, batch["pos_index"], self.cfg.tau, reduction="sum")
+            scores, _ = self.score_candidates(batch.docs, batch.questions)  # (B, N)
+            nce = retrieval_infonce(scores, batch.pos_index, self.cfg.tau, reduction="sum")
             idx = scores.topk(self.cfg.generation_top_k, dim=1).indices  # (B, K): for recall@k
-            zero = torch.zeros((), device=nce.device)
-            return {"ce_sum": nce, "n_tokens": torch.tensor(B, device=nce.device), "mse": zero, "topk": idx}
+            n = torch.tensor(scores.shape[0], device=nce.device)
+            return StageLoss(mse=zero, infonce_sum=nce, n_questions=n, topk=idx)
         if objective != "answer":
             raise ValueError(f"objective must be 'answer' or 'retrieval_warmup', got {objective!r}")
         if stage in (1, 2):
-            mem, mse = self.compress(batch["enc_ids"], batch["enc_mask"])  # (B*k, M, H)
-            ce, n = self.decoder_loss(batch["dec"], mem.view(B, k, *mem.shape[1:]))
-            return {"ce_sum": ce, "n_tokens": n, "mse": mse}
+            mem, mse = self.encode(batch.doc_ids, batch.doc_mask)  # (B*K, M, H)
+            memory = mem.view(batch.dec_ids.shape[0], batch.docs_per_question, *mem.shape[1:])  # (B, K, M, H)
+            ce, n = self.decoder_ce_sum(batch, memory)
+            return StageLoss(mse=mse, ce_sum=ce, n_targets=n)
         if stage != 3:
             raise ValueError(f"stage must be 1, 2 or 3, got {stage}")
-        selected, idx, _ = self.retrieve(batch, k)
-        ce, n = self.decoder_loss(batch["dec"], selected)
-        return {"ce_sum": ce, "n_tokens": n, "mse": torch.zeros((), device=ce.device), "topk": idx}
+        selected, idx, _ = self.retrieve(batch.docs, batch.questions)  # (B, K, M, H), (B, K)
+        ce, n = self.decoder_ce_sum(batch, selected)
+        return StageLoss(mse=zero, ce_sum=ce, n_targets=n, topk=idx)
 
-    def retrieve(self, batch: dict, n_candidates: int, top_k: int | None = None):
+    def retrieve(self, docs, questions, top_k: int | None = None):
         """Stage 3: query reasoner -> cosine scores -> differentiable top-k -> selected memory.
 
-        Returns selected (B, K, M, H) in rank order, idx (B, K), scores (B, N).
+        docs: (ids, mask) of the B*N candidates, question-major; questions: (ids, mask) of the B questions
+        (`tokenize_for_encoder`). Returns selected (B, K, M, H) in rank order, idx (B, K), scores (B, N).
         """
         top_k = top_k or self.cfg.generation_top_k
-        if top_k > n_candidates:
-            raise ValueError(f"top-k {top_k} is larger than the number of candidates {n_candidates}")
-        scores, D = self.score_candidates(batch, n_candidates)  # (B, N), (B, N, M*H)
+        N = docs[0].shape[0] // questions[0].shape[0]
+        if top_k > N:
+            raise ValueError(f"top-k {top_k} is larger than the number of candidates {N}")
+        scores, D = self.score_candidates(docs, questions)  # (B, N), (B, N, M*H)
         W, idx = topk_select(scores, top_k, self.cfg.tau, self.cfg.topk_estimator, training=self.training)
         selected = torch.einsum("bkn,bnd->bkd", W, D)  # (B, K, M*H): slot j holds the j-th ranked doc
         return selected.view(scores.shape[0], top_k, self.cfg.n_mem, -1), idx, scores
 
-    def score_candidates(self, batch: dict, n_candidates: int):
+    def score_candidates(self, docs, questions):
         """Cosine scores (B, N) in fp32 between the query reasoner's question vector and each candidate's
-        memory, and the candidates' memory D (B, N, M*H) in fp32.
+        memory, and the candidates' memory D (B, N, M*H) in fp32 (docs, questions: as in `retrieve`).
 
         As in stage 3 the documents go through the frozen encoder under no_grad with dropout off.
         """
-        B = batch["q_ids"].shape[0]
+        B = questions[0].shape[0]
+        N = docs[0].shape[0] // B
         was_training = self.model.training
         with torch.no_grad():  # documents: frozen encoder, and no LoRA dropout (an official defect)
             self.model.eval()
-            docs, _ = self.compress(batch["enc_ids"], batch["enc_mask"])  # (B*N, M, H)
+            mem, _ = self.encode(*docs)  # (B*N, M, H)
             self.model.train(was_training)
-        D = docs.view(B, n_candidates, -1).float()  # (B, N, M*H)
-        q, _ = self.compress(batch["q_ids"], batch["q_mask"], adapter="query")  # (B, M, H)
+        D = mem.view(B, N, -1).float()  # (B, N, M*H)
+        q, _ = self.encode(*questions, adapter="query")  # (B, M, H)
         return F.cosine_similarity(q.reshape(B, 1, -1).float(), D, dim=-1), D  # (B, N) fp32
 
-    def total_loss(self, out: dict, n_tokens=None, ranks: int = 1, micro_batches: int = 1) -> torch.Tensor:
-        """The one loss formula: CE summed over target tokens / their number + mse_weight * alignment loss
-        (stages 1 and 2; 0 in stage 3).
+    def total_loss(self, out: "StageLoss", n_terms=None, ranks: int = 1, micro_batches: int = 1) -> torch.Tensor:
+        """The one loss formula: the objective summed over its terms / their number + mse_weight * alignment
+        loss (stages 1 and 2; 0 in stage 3). The terms: target tokens (CE), or questions (the warm-up).
 
-        For one micro-batch's share of an optimizer step (train.py): `n_tokens` the target tokens of the whole
-        step (all micro-batches, all ranks), `ranks` the number of ranks (FSDP averages their gradients, so each
-        rank's CE is scaled up by it), `micro_batches` the accumulation steps (the mse is their mean).
+        For one micro-batch's share of an optimizer step (train.py): `n_terms` the terms of the whole step
+        (all micro-batches, all ranks), `ranks` the number of ranks (FSDP averages their gradients, so each
+        rank's sum is scaled up by it), `micro_batches` the accumulation steps (the mse is their mean).
         """
-        n = out["n_tokens"] if n_tokens is None else n_tokens
-        return out["ce_sum"] * ranks / n.clamp(min=1) + self.cfg.mse_weight * out["mse"] / micro_batches
+        summed, count = out.objective
+        n = count if n_terms is None else n_terms
+        return summed * ranks / n.clamp(min=1) + self.cfg.mse_weight * out.mse / micro_batches
 
     # -- inference API (names and meaning of the official model) -----------------------------------
 
@@ -454,7 +518,7 @@ class Clara(nn.Module):
     def compress_documents(self, documents: list[str], batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
         """Documents -> (embeddings (n, M, H), mse), as the official call returns them.
 
-        Encoder adapter, eval mode (no dropout). mse is the alignment loss of `compress` over all n
+        Encoder adapter, eval mode (no dropout). mse is the alignment loss of `encode` over all n
         documents (the batches' losses weighted by their sizes: the same mean as one pass over all of them).
         Port `emb, _ = model.compress_documents(docs)` as it is; `compress_texts` returns the tensor alone.
         """
@@ -463,8 +527,8 @@ class Clara(nn.Module):
         self.eval()
         out, mse = [], 0.0
         for i in range(0, len(documents), batch_size):
-            ids, mask, _ = self.tokenize_documents(documents[i:i + batch_size])
-            mem, m = self.compress(ids, mask)  # (b, M, H), ()
+            ids, mask, _ = self.tokenize_for_encoder(documents[i:i + batch_size])
+            mem, m = self.encode(ids, mask)  # (b, M, H), ()
             out.append(mem)
             mse = mse + m * len(ids)
         return torch.cat(out), mse / len(documents)
@@ -476,20 +540,20 @@ class Clara(nn.Module):
     def _check_docs(self, questions, documents):
         if len(questions) != len(documents):
             raise ValueError(f"{len(questions)} questions but {len(documents)} document lists")
-        k = len(documents[0])
-        bad = [i for i, d in enumerate(documents) if len(d) != k or isinstance(d, str)]
+        E = len(documents[0])  # documents per question
+        bad = [i for i, d in enumerate(documents) if len(d) != E or isinstance(d, str)]
         if bad:
-            raise ValueError(f"every question needs a list of the same number of documents ({k}); "
+            raise ValueError(f"every question needs a list of the same number of documents ({E}); "
                              f"question {bad[0]} has {len(documents[bad[0]]) if not isinstance(documents[bad[0]], str) else 'a string'}")
-        return k
+        return E
 
     @torch.no_grad()
     def _generate(self, prompts: list[str], memory: torch.Tensor | None, max_new_tokens: int,
                   adapter: str | None = "decoder") -> list[str]:
         self.eval()
-        batch = self.tokenize_prompts(prompts, [None] * len(prompts))
-        emb = self.splice(batch["ids"], memory) if memory is not None else self.embed(batch["ids"])
-        out = generate(self.model, inputs_embeds=emb, attention_mask=batch["mask"], adapter=adapter,
+        ids, mask, _ = self.tokenize_prompts(prompts, [None] * len(prompts))  # (B, T)
+        emb = self.splice(ids, memory) if memory is not None else self.embed(ids)  # (B, T, H)
+        out = generate(self.model, inputs_embeds=emb, attention_mask=mask, adapter=adapter,
                        max_new_tokens=max_new_tokens, eos_id=self.tok.stop_ids)
         return self.tok.decode_batch(out)
 
@@ -564,13 +628,11 @@ class Clara(nn.Module):
         """
         if "query" not in self.model.adapters:
             raise ValueError("generate_from_questions needs a stage-3 checkpoint (no query adapter loaded)")
-        N = self._check_docs(questions, documents)
+        self._check_docs(questions, documents)
         self.eval()
         with torch.no_grad():
-            batch = {"enc_ids": None}
-            batch["enc_ids"], batch["enc_mask"], _ = self.tokenize_documents([d for ds in documents for d in ds])
-            batch["q_ids"], batch["q_mask"], _ = self.tokenize_documents(questions)
-            selected, idx, _ = self.retrieve(batch, N, top_k)
+            docs = self.tokenize_for_encoder([d for ds in documents for d in ds])[:2]  # (B*N, L) ids, mask
+            selected, idx, _ = self.retrieve(docs, self.tokenize_for_encoder(questions)[:2], top_k)
         prompts = [build_prompt("answer", self.mem_slots * idx.shape[1], question=q, fmt=self.fmt)[0] for q in questions]
         return self._generate(prompts, selected, max_new_tokens), idx
 
@@ -578,8 +640,8 @@ class Clara(nn.Module):
     def encode_queries(self, questions: list[str]) -> torch.Tensor:
         """Question vectors (B, M*H) from the query reasoner, L2-normalised (for cosine search)."""
         self.eval()
-        ids, mask, _ = self.tokenize_documents(questions)
-        q, _ = self.compress(ids, mask, adapter="query")
+        ids, mask, _ = self.tokenize_for_encoder(questions)
+        q, _ = self.encode(ids, mask, adapter="query")
         return F.normalize(q.flatten(1).float(), dim=-1)
 
     # -- checkpoints ----------------------------------------------------------------------------------

@@ -450,8 +450,8 @@ def run_batch(clara: Clara, mode: str, batch: list[dict], k: int, max_new_tokens
         timing["compress"] = clock() - t0
         t0 = clock()
         D = mem.view(B, N, -1).float()  # (B, N, M*H): the candidates of question b
-        q_ids, q_mask, _ = clara.tokenize_documents(questions)  # a question is encoded like a document
-        q, _ = clara.compress(q_ids, q_mask, adapter="query")  # (B, M, H)
+        q_ids, q_mask, _ = clara.tokenize_for_encoder(questions)  # a question is laid out like a document
+        q, _ = clara.encode(q_ids, q_mask, adapter="query")  # (B, M, H)
         scores = F.cosine_similarity(q.reshape(B, 1, -1).float(), D, dim=-1)  # (B, N), fp32 as in training
         # Rank deeper than k when recall@5 needs it; the hard top-R is a stable sort, so its first k are
         # exactly the top-k that Clara.retrieve selects.
@@ -475,9 +475,9 @@ def run_batch(clara: Clara, mode: str, batch: list[dict], k: int, max_new_tokens
     if mode in ("compressed", "retrieval"):
         context_tokens = [len(x) for x in enc([memory_prompt(clara, q, k) for q in questions])]
         # The compressor keeps doc_max_length tokens of "<ENC><s>doc</s>" (+3): the text baseline sees more.
-        L = clara.cfg.doc_max_length + 3
+        n_text = clara.cfg.doc_max_length + 3
         lengths = [len(x) for x in enc([clara.tok.document(r["docs"][i]) for r, u in zip(batch, used) for i in u])]
-        truncated = [sum(n > L for n in lengths[b * k:(b + 1) * k]) for b in range(B)]
+        truncated = [sum(n > n_text for n in lengths[b * k:(b + 1) * k]) for b in range(B)]
     elif mode == "text":
         context_tokens, truncated = raw_tokens, [None] * B
     else:

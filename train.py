@@ -49,7 +49,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from clara import PROMPT_TEXTS, Clara, ClaraConfig, checkpoint_dir, complete_dir, replace_dir, text_prompt
+from clara import PROMPT_TEXTS, Batch, Clara, ClaraConfig, checkpoint_dir, complete_dir, replace_dir, text_prompt
 from data import DataError, JsonlDataset, Tokenizer, batches, left_pad, train_tokenizer, validate_record
 from model import LoRAConfig, ModelConfig, PRESETS, Transformer
 
@@ -973,9 +973,9 @@ def pass_flops(cfg: ModelConfig, lora_rank: int, mask: torch.Tensor, trains: boo
                                                           + 2 P        the base's weight gradients (train_base)
         per causal pair    forward                          4 D Hq     QK^T and PV, every layer
         of real tokens     backward (trains=True only):     8 D Hq     dQ, dK, dV and dP
-        per target         forward                          2 V H      the output layer, only where there is a
-                           backward (trains=True only):     2 V H      target (Clara.decoder_loss), + 2 V H
-                                                                       with train_base
+        per target         forward                          2 V H      the output layer runs only at the targets
+                           backward (trains=True only):     2 V H      (Clara.decoder_ce_sum), + 2 V H with
+                                                                       train_base
     input_grad=False: the pass's input embeddings carry no gradient, so autograd skips the input gradient of
     the first layer's q, k and v (2 (in*out + r*in) each per token; the query reasoner, stage 2's encoder).
     Not counted: norms, RoPE, SwiGLU, softmax, biases, the cosine scores and the top-k (all elementwise or
@@ -997,7 +997,7 @@ def pass_flops(cfg: ModelConfig, lora_rank: int, mask: torch.Tensor, trains: boo
     return flops
 
 
-def batch_flops(cfg: ModelConfig, lora_rank: int, batch: dict, stage: int, objective: str = "answer",
+def batch_flops(cfg: ModelConfig, lora_rank: int, batch: Batch, stage: int, objective: str = "answer",
                 train_base: bool = False) -> int:
     """FLOPs of one forward + backward of a collated batch (Clara.loss, then backward), pass by pass:
 
@@ -1008,18 +1008,17 @@ def batch_flops(cfg: ModelConfig, lora_rank: int, batch: dict, stage: int, objec
                       (the retrieval warm-up runs no decoder)
 
     The decoder's inputs always carry a gradient (the spliced memory); its targets are the labelled
-    positions after the shift, exactly the logits Clara.decoder_loss computes. A step's FLOPs are the sum
+    positions after the shift, exactly the logits Clara.decoder_ce_sum computes. A step's FLOPs are the sum
     over its micro-batches and ranks.
     """
     def count(mask, **kw):
         return pass_flops(cfg, lora_rank, mask, train_base=train_base, **kw)
 
-    dec = batch["dec"]
-    decoder = count(dec["mask"], trains=True, targets=int((dec["labels"][:, 1:] != -100).sum()))
+    decoder = count(batch.dec_mask, trains=True, targets=int((batch.labels[:, 1:] != -100).sum()))
     if stage in (1, 2):
-        return count(batch["enc_mask"], trains=True, input_grad=stage == 1) + decoder
-    docs = count(batch["enc_mask"], trains=False)
-    query = count(batch["q_mask"], trains=True, input_grad=False)
+        return count(batch.doc_mask, trains=True, input_grad=stage == 1) + decoder
+    docs = count(batch.doc_mask, trains=False)
+    query = count(batch.q_mask, trains=True, input_grad=False)
     return docs + query + (0 if objective == "retrieval_warmup" else decoder)
 
 
@@ -1041,19 +1040,20 @@ def check_data(a):
             raise UsageError(f"--data {f}: no such file")
 
 
-def check_batch(micro: dict, records: list[dict], clara: Clara, a):
+def check_batch(micro: Batch, records: list[dict], clara: Clara, a):
     """What a step cannot run with, named by the record: too few candidates for --top-k (stage 3), or a
     prompt whose memory slots --max-len cuts off."""
     where = lambda i: records[i].get("_where", f"record {i}")
-    if a.stage == 3 and not a.retrieval_warmup and micro["docs_per_row"] < a.top_k:
-        raise UsageError(f"{where(0)}: {micro['docs_per_row']} candidate documents, fewer than --top-k {a.top_k}")
-    if a.candidates and a.stage == 3 and micro["docs_per_row"] != a.candidates:
-        raise UsageError(f"--candidates {a.candidates}: {where(0)} holds {micro['docs_per_row']} per question")
+    E = micro.docs_per_question
+    if a.stage == 3 and not a.retrieval_warmup and E < a.top_k:
+        raise UsageError(f"{where(0)}: {E} candidate documents, fewer than --top-k {a.top_k}")
+    if a.candidates and a.stage == 3 and E != a.candidates:
+        raise UsageError(f"--candidates {a.candidates}: {where(0)} holds {E} per question")
     if a.retrieval_warmup:
         return
-    slots = micro["docs_per_row"] if a.stage != 3 else a.top_k
+    slots = E if a.stage != 3 else a.top_k
     m0 = int(clara.mem_ids[0])
-    ids = micro["dec"]["ids"]
+    ids = micro.dec_ids
     n_mem = ((ids >= m0) & (ids < m0 + clara.cfg.n_mem)).sum(1)  # (B,) memory tokens kept per prompt
     short = (n_mem != slots * clara.cfg.n_mem).nonzero().flatten().tolist()
     if short:
@@ -1166,8 +1166,8 @@ def main(argv=None):
                     raise UsageError(f"{records[0].get('_where', 'a batch')}: {one_line(e)}") from None
                 check_batch(micro[-1], records, clara, a)
             # The step's loss is normalised by ALL its target tokens: count them first, across ranks.
-            n_tokens = torch.tensor(float(sum(len(m["pos_index"]) if a.retrieval_warmup else
-                                              int((m["dec"]["labels"] != -100).sum()) for m in micro)), device=device)
+            n_tokens = torch.tensor(float(sum(len(m.pos_index) if a.retrieval_warmup else m.n_targets
+                                              for m in micro)), device=device)
             if distributed:
                 dist.all_reduce(n_tokens)
             n_tokens.clamp_(min=1)  # a step whose targets were all cut by --max-len contributes no CE
@@ -1180,13 +1180,13 @@ def main(argv=None):
                 # FSDP averages gradients over ranks, hence ranks=world: the sum of CE over the step / its tokens.
                 loss = clara.total_loss(out, n_tokens, ranks=world, micro_batches=accum)
                 loss.backward()
-                ce_total += out["ce_sum"].item()
-                mse_total += out["mse"].item() / accum
-                truncated += m["truncated"]
-                tokens += int(m["enc_mask"].sum()) + int(m["dec"]["mask"].sum())
+                ce_total += out.objective[0].item()
+                mse_total += out.mse.item() / accum
+                truncated += m.truncated
+                tokens += int(m.doc_mask.sum()) + int(m.dec_mask.sum())
                 flops += batch_flops(clara.model.cfg, clara.cfg.lora_r, m, a.stage, objective, trains_base)
                 if a.stage == 3:
-                    for row, pos in zip(out["topk"].tolist(), m["pos_index"]):
+                    for row, pos in zip(out.topk.tolist(), m.pos_index):
                         if pos:
                             hits += len(set(row) & set(pos)) / len(pos)
                             n_pos += 1

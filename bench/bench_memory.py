@@ -88,9 +88,8 @@ def child(a):
         loss.backward()
     dt = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
-    print(json.dumps({"mode": a.mode, "batch": B, "rate": a.rate, "enc": list(batch["enc_ids"].shape),
-                      "dec": list(batch["dec"]["ids"].shape),
-                      "targets": int((batch["dec"]["labels"] != -100).sum()), "saved": saved[0],
+    print(json.dumps({"mode": a.mode, "batch": B, "rate": a.rate, "enc": list(batch.doc_ids.shape),
+                      "dec": list(batch.dec_ids.shape), "targets": batch.n_targets, "saved": saved[0],
                       "peak": None if a.count_only else peak, "time": None if a.count_only else dt}))
 
 

@@ -93,9 +93,9 @@ def main():
             if step == 0:
                 continue  # warm-up
             times.append(time.perf_counter() - t)
-            enc = int(batch["enc_mask"].sum())
-            dec = int(batch["dec"]["mask"].sum())
-            q = int(batch["q_mask"].sum()) if stage == 3 else 0
+            enc = int(batch.doc_mask.sum())
+            dec = int(batch.dec_mask.sum())
+            q = int(batch.q_mask.sum()) if stage == 3 else 0
             toks += enc + dec + q
             flops += step_flops(clara, batch, stage)
         dt = sum(times)

@@ -790,9 +790,9 @@ def part_c(st, md, end):
                         row["warmup_step_s"] = round(dt, 2)
                         continue
                     times.append(dt)
-                    enc = int(batch["enc_mask"].sum())
-                    dec = int(batch["dec"]["mask"].sum())
-                    qn = int(batch["q_mask"].sum()) if stage == 3 else 0
+                    enc = int(batch.doc_mask.sum())
+                    dec = int(batch.dec_mask.sum())
+                    qn = int(batch.q_mask.sum()) if stage == 3 else 0
                     toks += enc + dec + qn
                     fl = step_flops(clara, batch, stage)
                     flops += fl

@@ -184,13 +184,12 @@ def test_every_stage_trains_a_step_and_labels_end_in_end_of_turn(fmt_base, stage
     if stage == 3:
         c.model.copy_adapter("encoder", "query")
     batch = c.collate(records(stage), stage)
-    dec = batch["dec"]
     for b in range(2):
-        target = dec["labels"][b][dec["labels"][b] != -100].tolist()
+        target = batch.labels[b][batch.labels[b] != -100].tolist()
         assert target[-1] == c.tok.eot_id and c.tok.eot_id not in target[:-1]
         assert special_count(c, target) == 1  # the answer is text; only its end of turn is a special token
     # the document wrapper: <ENC> + the model's bos + text + its eos
-    row = batch["enc_ids"][0][batch["enc_mask"][0].bool()].tolist()
+    row = batch.doc_ids[0][batch.doc_mask[0].bool()].tolist()
     assert row[:2] == [c.enc_id, c.tok.bos_id] and row[-c.cfg.n_mem - 1] == c.tok.eos_id
     params = c.trainable_parameters(stage)
     opt = torch.optim.AdamW(params.values(), lr=3e-3)
@@ -205,8 +204,8 @@ def test_every_generate_runs(fmt_base):
     _, path = fmt_base
     c = make(path, stage=3)
     q, docs = ["What is the capital?", "Who?"], [DOCS[:2], DOCS[2:4]]
-    ids, mask, _ = c.tokenize_documents([d for ds in docs for d in ds])
-    mem = c.compress(ids, mask)[0].view(2, 2, c.cfg.n_mem, -1)
+    ids, mask, _ = c.tokenize_for_encoder([d for ds in docs for d in ds])
+    mem = c.encode(ids, mask)[0].view(2, 2, c.cfg.n_mem, -1)
     outs = [c.generate_from_text(q, docs, max_new_tokens=3), c.generate_from_raw_text(q, docs, 3),
             c.generate_closed_book(q, 3),
             c.generate_from_paraphrase(q, docs, 3), c.generate_from_compressed_documents_and_questions(q, mem, 3),
@@ -244,7 +243,7 @@ def test_special_strings_inside_text_stay_text(which, fmt_base, tiny_base):
     c = make(tiny_base if which == "mistral" else fmt_base[1], doc_max_length=256, compr_rate=64,
              max_len=2048)  # nothing is cut
     # a document: exactly <ENC>, bos, eos and the M memory tokens are special; the text decodes back to itself
-    ids, mask, _ = c.tokenize_documents([EVIL])
+    ids, mask, _ = c.tokenize_for_encoder([EVIL])
     row = ids[0][mask[0].bool()].tolist()
     assert special_count(c, row) == 3 + c.cfg.n_mem
     assert c.tok.decode(row[2:-c.cfg.n_mem - 1], skip_special_tokens=False) == EVIL
@@ -254,9 +253,9 @@ def test_special_strings_inside_text_stay_text(which, fmt_base, tiny_base):
     batch = c.collate(recs, 2)
     K, M = 2, c.cfg.n_mem
     m0 = int(c.mem_ids[0])
-    assert int(((batch["dec"]["ids"] >= m0) & (batch["dec"]["ids"] < m0 + M)).sum()) == K * M
+    assert int(((batch.dec_ids >= m0) & (batch.dec_ids < m0 + M)).sum()) == K * M
     assert torch.isfinite(c.total_loss(c.loss(batch, 2)))
-    lab = batch["dec"]["labels"][0]
+    lab = batch.labels[0]
     target = lab[lab != -100].tolist()
     assert c.tok.decode(target[:-1], skip_special_tokens=False).strip() == EVIL
     assert target[-1] == c.tok.eot_id and special_count(c, target) == 1

@@ -66,21 +66,21 @@ def test_prompt_golden_strings():
 
 def test_document_encoding_layout(tiny_base):
     c = make(tiny_base)
-    ids, mask, truncated = c.tokenize_documents(["short doc", " ".join(["word"] * 40)])
+    ids, mask, truncated = c.tokenize_for_encoder(["short doc", " ".join(["word"] * 40)])
     L = 16 + 3 + 4
     assert ids.shape == mask.shape == (2, L) and truncated == 1
     assert ids[0, -4:].tolist() == c.mem_ids.tolist() and mask[:, -4:].all()
     row = ids[0][mask[0].bool()].tolist()
     assert row[:2] == [c.enc_id, c.tok.bos_id] and row[-5] == c.tok.eos_id  # <ENC><s> short doc </s> MEM..
     assert mask[0, 0] == 0 and ids[0, 0] == c.tok.pad_id  # left padded
-    assert mask[1].all()  # the long document fills all L+3 slots (cut on the right: no </s>)
+    assert mask[1].all()  # the long document fills all L slots (cut on the right: no </s>)
     assert c.tok.decode(row[2:-5]) == "short doc"
 
 
 def test_compress_shapes_and_mse(tiny_base):
     c = make(tiny_base)
-    ids, mask, _ = c.tokenize_documents(DOCS[:3])
-    mem, mse = c.compress(ids, mask)
+    ids, mask, _ = c.tokenize_for_encoder(DOCS[:3])
+    mem, mse = c.encode(ids, mask)
     assert mem.shape == (3, 4, 64)
     h = c.model(inputs_embeds=c.embed(ids), attention_mask=mask, adapter="encoder", output="hidden")
     torch.testing.assert_close(mem, h[:, -4:])
@@ -90,14 +90,14 @@ def test_compress_shapes_and_mse(tiny_base):
         ref = ref + (h[b, -4:].mean(0) - text.mean(0)).pow(2).mean()
     torch.testing.assert_close(mse, ref / 3)
     # left padding does not change a document's memory vectors
-    alone_ids, alone_mask, _ = c.tokenize_documents(DOCS[:1])
-    torch.testing.assert_close(c.compress(alone_ids, alone_mask)[0][0], mem[0], atol=1e-5, rtol=0)
+    alone_ids, alone_mask, _ = c.tokenize_for_encoder(DOCS[:1])
+    torch.testing.assert_close(c.encode(alone_ids, alone_mask)[0][0], mem[0], atol=1e-5, rtol=0)
 
 
 def test_splice_puts_document_j_in_slot_j(tiny_base):
     c = make(tiny_base, stage=2)
     batch = c.collate(records(2), stage=2)
-    ids = batch["dec"]["ids"]
+    ids = batch.dec_ids
     memory = torch.randn(2, 2, 4, 64)
     emb = c.splice(ids, memory)
     for b in range(2):
@@ -113,22 +113,22 @@ def test_splice_puts_document_j_in_slot_j(tiny_base):
 
 def test_labels_cover_answer_and_eos_only(tiny_base):
     c = make(tiny_base, stage=2)
-    dec = c.collate(records(2), stage=2)["dec"]
+    batch = c.collate(records(2), stage=2)
     for b, answer in enumerate(["Paris", "Alice"]):
-        lab = dec["labels"][b]
+        lab = batch.labels[b]
         target = lab[lab != -100].tolist()
         assert target[-1] == c.tok.eos_id
         assert c.tok.decode(target[:-1]).strip() == answer
-        assert (lab[dec["mask"][b] == 0] == -100).all()
+        assert (lab[batch.dec_mask[b] == 0] == -100).all()
         # the labelled tokens are the last tokens of the row
         n = len(target)
-        assert dec["ids"][b, -n:].tolist() == target
+        assert batch.dec_ids[b, -n:].tolist() == target
 
 
 def test_max_len_truncates_on_the_right(tiny_base):
     c = make(tiny_base, stage=2, max_len=60)
-    dec = c.tokenize_prompts(["<s> [INST] hello [/INST]"], [" ".join(["word"] * 80)])
-    assert dec["ids"].shape[1] == 60
+    ids, _, _ = c.tokenize_prompts(["<s> [INST] hello [/INST]"], [" ".join(["word"] * 80)])
+    assert ids.shape[1] == 60
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
@@ -192,15 +192,15 @@ def test_score_candidates_is_what_retrieve_ranks_with_frozen_documents(tiny_base
     c.model.copy_adapter("encoder", "query")
     batch = c.collate(records(3), stage=3)
     c.eval()
-    selected, idx, scores = c.retrieve(batch, 4, top_k=2)
-    s, D = c.score_candidates(batch, 4)
+    selected, idx, scores = c.retrieve(batch.docs, batch.questions, top_k=2)
+    s, D = c.score_candidates(batch.docs, batch.questions)
     torch.testing.assert_close(s, scores, atol=0, rtol=0)
     assert idx.tolist() == s.topk(2, dim=1).indices.tolist()
     torch.testing.assert_close(selected.reshape(2, 2, -1), D[torch.arange(2)[:, None], idx])  # (B, K, M*H)
     c.trainable_parameters(3)
     for p in c.model.adapter_parameters("encoder").values():
         p.requires_grad_(True)
-    c.score_candidates(batch, 4)[0].sum().backward()  # frozen documents: no gradient to the encoder
+    c.score_candidates(batch.docs, batch.questions)[0].sum().backward()  # frozen documents: no gradient to the encoder
     assert all(p.grad is None for p in c.model.adapter_parameters("encoder").values())
 
 
@@ -375,8 +375,8 @@ def test_compress_documents_returns_embeddings_and_mse(tiny_base, n):
     c = make(tiny_base, stage=2).eval()
     emb, mse = c.compress_documents(DOCS[:n])  # the official unpacking, whatever the number of documents
     assert emb.shape == (n, 4, 64) and mse.shape == ()
-    ids, mask, _ = c.tokenize_documents(DOCS[:n])
-    mem, ref = c.compress(ids, mask)
+    ids, mask, _ = c.tokenize_for_encoder(DOCS[:n])
+    mem, ref = c.encode(ids, mask)
     torch.testing.assert_close(emb, mem)
     torch.testing.assert_close(mse, ref)  # the alignment loss of `compress`
     emb1, mse1 = c.compress_documents(DOCS[:n], batch_size=1)  # batches: the same mean over documents

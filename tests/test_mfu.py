@@ -67,10 +67,10 @@ def clara():
 
 def unpadded(batch):
     """The batch with every mask 1: torch's counter sees the padded matmuls, and our count none of the pads."""
-    batch["enc_mask"] = torch.ones_like(batch["enc_mask"])
-    batch["dec"]["mask"] = torch.ones_like(batch["dec"]["mask"])
-    if "q_mask" in batch:
-        batch["q_mask"] = torch.ones_like(batch["q_mask"])
+    batch.doc_mask = torch.ones_like(batch.doc_mask)
+    batch.dec_mask = torch.ones_like(batch.dec_mask)
+    if batch.q_mask is not None:
+        batch.q_mask = torch.ones_like(batch.q_mask)
     return batch
 
 
@@ -80,9 +80,9 @@ def attention_flops(cfg, batch, stage, objective):
         n = mask.sum(1)
         return int((n * (n + 1) // 2).sum())
     per = 4 * cfg.head_dim * cfg.n_heads * cfg.n_layers
-    docs = pairs(batch["enc_mask"]) * per * (3 if stage < 3 else 1)
-    query = pairs(batch["q_mask"]) * per * 3 if stage == 3 else 0
-    dec = pairs(batch["dec"]["mask"]) * per * 3 if objective == "answer" else 0
+    docs = pairs(batch.doc_mask) * per * (3 if stage < 3 else 1)
+    query = pairs(batch.q_mask) * per * 3 if stage == 3 else 0
+    dec = pairs(batch.dec_mask) * per * 3 if objective == "answer" else 0
     return docs + query + dec
 
 
@@ -117,7 +117,7 @@ def test_train_and_the_benchmarks_count_a_stage3_batch_alike(clara):
     ours = train.batch_flops(clara.model.cfg, clara.cfg.lora_r, batch, 3)
     assert bench_train.step_flops(clara, batch, 3) == ours
     cfg, r = clara.model.cfg, clara.cfg.lora_r
-    targets = int((batch["dec"]["labels"][:, 1:] != -100).sum())
-    assert ours == (train.pass_flops(cfg, r, batch["enc_mask"], trains=False)
-                    + train.pass_flops(cfg, r, batch["q_mask"], trains=True, input_grad=False)
-                    + train.pass_flops(cfg, r, batch["dec"]["mask"], trains=True, targets=targets))
+    targets = int((batch.labels[:, 1:] != -100).sum())
+    assert ours == (train.pass_flops(cfg, r, batch.doc_mask, trains=False)
+                    + train.pass_flops(cfg, r, batch.q_mask, trains=True, input_grad=False)
+                    + train.pass_flops(cfg, r, batch.dec_mask, trains=True, targets=targets))

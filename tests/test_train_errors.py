@@ -359,7 +359,7 @@ def test_lora_options_apply_to_the_adapters_trained_from_init(s1, tmp_path, head
         c.train()  # as in the loop: dropout active where the config says so
         batch = c.collate(records, 2)
         with torch.no_grad():
-            return c(batch, 2)["ce_sum"].item(), c(batch, 2)["ce_sum"].item()
+            return c(batch, 2).ce_sum.item(), c(batch, 2).ce_sum.item()
     base = ["--stage", "2", "--init", str(s1 / "checkpoint"), *[x for x in FAST if x not in ("--lora-dropout", "0")],
             "--max-len", "400", "--max-steps", "1", "--data", head2]
     train.main([*base, "--out", str(tmp_path / "a"), "--lora-dropout", "0", "--lora-alpha", "64"])
