@@ -36,6 +36,7 @@ before intact.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -1070,31 +1071,74 @@ def params_finite(params, distributed: bool) -> bool:
     return bool(ok.item())
 
 
-def main(argv=None):
-    a = parse_args(argv)
-    a.run_record = run_record(a, argv)
-    distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
-    check_data(a)
-    check_out(a)
-    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if distributed:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            torch.cuda.set_device(device)
-    else:
-        rank, world = 0, 1
-    dtype = getattr(torch, a.dtype) if a.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    if a.global_batch % (a.micro_batch * world):
-        raise UsageError(f"--global-batch {a.global_batch} is not a multiple of --micro-batch {a.micro_batch} "
-                         f"x world size {world}")
-    accum = a.global_batch // (a.micro_batch * world)
-    if a.stage == 0:
-        return pretrain_base(a, device, dtype)
+# ----------------------------------------------------------------------------------------------------
+# The run: setup, one optimizer step, its log record; main() is the loop that strings them together
 
+@dataclass
+class Run:
+    """Everything setup() builds and every step reads."""
+    a: argparse.Namespace        # the resolved flags
+    device: torch.device
+    rank: int                    # this process among `world` (0 and 1 without torchrun)
+    world: int
+    accum: int                   # micro-batches per rank in one optimizer step
+    dataset: JsonlDataset
+    steps_per_epoch: int
+    total: int                   # optimizer steps of the whole schedule (the lr schedule spans them)
+    clara: Clara
+    trainable: list              # the parameters AdamW steps
+    opt: torch.optim.Optimizer
+    step: int = 0                # optimizer steps done: a resumed run starts at its saved step
+
+    @property
+    def objective(self) -> str:
+        return "retrieval_warmup" if self.a.retrieval_warmup else "answer"
+
+    @property
+    def trains_base(self) -> bool:  # the warm-up trains the query reasoner alone, never the base
+        return bool(self.a.train_base) and not self.a.retrieval_warmup
+
+
+@dataclass
+class StepStats:
+    """One optimizer step's sums over its micro-batches, then over the ranks."""
+    objective: float = 0.0   # the objective summed over its terms: CE over target tokens, InfoNCE over questions
+    mse: float = 0.0         # the alignment loss: the mean over micro-batches, summed over ranks
+    hits: float = 0.0        # stage 3: recall@k summed over the questions that have positives
+    with_pos: float = 0      # the number of those questions
+    truncated: float = 0     # documents cut to --doc-len
+    tokens: float = 0        # encoder + decoder tokens (tokens_per_s)
+    flops: float = 0         # batch_flops of every micro-batch (mfu)
+    n_terms: float = 1.0     # the objective's terms in the whole step: its sum is divided by them
+    grad_norm: float = 0.0   # before clipping
+
+    @property
+    def loss(self) -> float:  # the objective's mean (CE per target token, InfoNCE per question)
+        return self.objective / self.n_terms
+
+
+class StepFailed(Exception):
+    """A step whose loss, gradients or new weights are not finite: main() stops before saving it."""
+
+
+def start_processes(a) -> tuple[torch.device, int, int]:
+    """(device, rank, world size). torchrun sets WORLD_SIZE: then one process group, NCCL on GPU and gloo on
+    CPU, and each GPU process on its LOCAL_RANK's device."""
+    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if int(os.environ.get("WORLD_SIZE", 1)) <= 1:
+        return device, 0, 1
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    return device, dist.get_rank(), dist.get_world_size()
+
+
+def open_data(a) -> tuple[JsonlDataset, int, int]:
+    """The training records, (dataset, steps per epoch, total steps); checked whole up front when they are
+    few enough, so that a bad record fails the run before it starts rather than hours into it."""
     dataset = JsonlDataset(a.data, a.stage)
-    if len(dataset) <= a.check_limit:  # fail fast on a bad record rather than hours into the run
+    if len(dataset) <= a.check_limit:
         errors = dataset.check(max_errors=10)
         if errors:
             raise UsageError("bad training data (nothing was written): " + "; ".join(errors))
@@ -1102,146 +1146,214 @@ def main(argv=None):
     if steps_per_epoch == 0:
         raise UsageError(f"--data {' '.join(a.data)}: {len(dataset)} records is less than one global batch "
                          f"({a.global_batch})")
-    total = a.max_steps or a.epochs * steps_per_epoch
+    return dataset, steps_per_epoch, a.max_steps or a.epochs * steps_per_epoch
+
+
+def setup(a, device: torch.device, dtype: torch.dtype, rank: int, world: int) -> Run:
+    """The data, the model with the stage's trainable set (sharded over the ranks), AdamW, and with --resume
+    the saved state. Nothing in --out changes here, except a preset model's base/ (build_clara)."""
+    dataset, steps_per_epoch, total = open_data(a)
     if a.resume and not complete_dir(a.out / "resume").is_dir():  # resume.old after a killed swap counts
         raise UsageError(f"--resume: {a.out / 'resume'} does not exist; nothing to resume")
-
-    clara = build_clara(a, dataset, device, torch.float32 if distributed else dtype, rank)
+    # Under FSDP the weights load in fp32 and MixedPrecisionPolicy casts them for compute (shard()).
+    clara = build_clara(a, dataset, device, torch.float32 if world > 1 else dtype, rank)
     clara.model.activation_checkpointing = a.activation_checkpointing
     params = clara.trainable_parameters(a.stage, train_base=a.train_base)
     if a.retrieval_warmup:  # the query reasoner alone: the decoder is not run
         for k in [k for k in params if not k.endswith(".query")]:
             params.pop(k).requires_grad_(False)
-    n_train = sum(p.numel() for p in params.values())
-    n_base = sum(p.numel() for n, p in clara.model.named_parameters() if "lora_" not in n)
-    objective = "retrieval_warmup" if a.retrieval_warmup else "answer"
-    trains_base = bool(a.train_base) and not a.retrieval_warmup  # the warm-up trains the query reasoner alone
-    if distributed:
+    if world > 1:
         shard(clara, dtype, device)
     trainable = [p for p in clara.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=a.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=a.weight_decay)
-    step = 0
+    accum = a.global_batch // (a.micro_batch * world)
+    run = Run(a, device, rank, world, accum, dataset, steps_per_epoch, total, clara, trainable, opt)
     if a.resume:
         try:
-            step = load_resume(clara, opt, a)["step"]
+            run.step = load_resume(clara, opt, a)["step"]
         except FileNotFoundError as e:
             raise UsageError(str(e)) from None
-        print0(f"resumed from {a.out / 'resume'} at step {step}")
-    print0(f"stage {a.stage}: {len(dataset)} records, {total} steps of {a.global_batch} "
-           f"({accum} micro-batches of {a.micro_batch} x {world} ranks), {n_train:,} trainable / {n_base:,} base "
-           f"parameters, {clara.cfg.n_mem} memory tokens per document, device {device}, {dtype}")
+        print0(f"resumed from {a.out / 'resume'} at step {run.step}")
+    n_base = sum(p.numel() for n, p in clara.model.named_parameters() if "lora_" not in n)
+    print0(f"stage {a.stage}: {len(dataset)} records, {total} steps of {a.global_batch} ({accum} micro-batches "
+           f"of {a.micro_batch} x {world} ranks), {sum(p.numel() for p in params.values()):,} trainable / "
+           f"{n_base:,} base parameters, {clara.cfg.n_mem} memory tokens per document, device {device}, {dtype}")
+    return run
+
+
+def micro_batches(run: Run):
+    """This rank's micro-batches of records from step run.step on, epoch after epoch. Each epoch's order is
+    drawn from (seed, epoch) and read from the step's position on, so a resumed run reads what an
+    uninterrupted one would have."""
+    first = run.step
+    for epoch in itertools.count(first // run.steps_per_epoch):
+        start = first - epoch * run.steps_per_epoch if epoch == first // run.steps_per_epoch else 0
+        records = batches(run.dataset, run.a.micro_batch, epoch, run.a.seed, run.rank, run.world,
+                          start_batch=start * run.accum)
+        yield from itertools.islice(records, (run.steps_per_epoch - start) * run.accum)
+
+
+def make_batch(run: Run, records: list[dict]) -> Batch:
+    """Records -> a checked Batch; what it cannot train on is a UsageError naming the record."""
+    a = run.a
+    records = check_warmup(records, a)
+    try:
+        batch = run.clara.collate(records, a.stage, seed=a.seed)
+    except ValueError as e:  # e.g. records of one batch with different numbers of documents
+        raise UsageError(f"{records[0].get('_where', 'a batch')}: {one_line(e)}") from None
+    check_batch(batch, records, run.clara, a)
+    return batch
+
+
+def train_step(run: Run, micro: list[Batch]) -> StepStats:
+    """One optimizer step over this rank's micro-batches; raises StepFailed for a non-finite loss, gradient
+    or weight, before anything is saved (the weights may have moved: main() stops)."""
+    a = run.a
+    # The step's loss is normalised by ALL its terms (target tokens; questions in the warm-up), on all
+    # ranks: count them first. A step whose targets were all cut by --max-len contributes no CE.
+    n_terms = torch.tensor(float(sum(len(m.pos_index) if a.retrieval_warmup else m.n_targets for m in micro)),
+                           device=run.device)
+    if run.world > 1:
+        dist.all_reduce(n_terms)
+    n_terms.clamp_(min=1)
+    for g in run.opt.param_groups:
+        g["lr"] = lr_at(run.step, run.total, a)
+    torch.manual_seed(a.seed * 100003 + run.step * run.world + run.rank)  # LoRA dropout: a function of the step
+    s = forward_backward(run, micro, n_terms)
+    if not math.isfinite(s.loss) or not math.isfinite(s.mse):
+        raise StepFailed(f"non-finite loss (ce {s.loss}, mse {s.mse})")
+    s.grad_norm = optimizer_step(run)
+    return s
+
+
+def forward_backward(run: Run, micro: list[Batch], n_terms: torch.Tensor) -> StepStats:
+    """Every micro-batch's loss backward (gradients accumulate), and the step's sums over all ranks."""
+    a, clara = run.a, run.clara
+    s = StepStats()
+    for m in micro:
+        out = clara(m, a.stage, run.objective)
+        # FSDP averages gradients over ranks, hence ranks=world: the sum of CE over the step / its tokens.
+        clara.total_loss(out, n_terms, ranks=run.world, micro_batches=run.accum).backward()
+        s.objective += out.objective[0].item()
+        s.mse += out.mse.item() / run.accum
+        s.truncated += m.truncated
+        s.tokens += int(m.doc_mask.sum()) + int(m.dec_mask.sum())
+        s.flops += batch_flops(clara.model.cfg, clara.cfg.lora_r, m, a.stage, run.objective, run.trains_base)
+        if a.stage == 3:  # recall@k of the selected candidates, where the record names its positives
+            for row, pos in zip(out.topk.tolist(), m.pos_index):
+                if pos:
+                    s.hits += len(set(row) & set(pos)) / len(pos)
+                    s.with_pos += 1
+    sums = torch.tensor([s.objective, s.mse, s.hits, s.with_pos, s.truncated, s.tokens, s.flops],
+                        device=run.device, dtype=torch.float64)
+    if run.world > 1:
+        dist.all_reduce(sums)
+    s.objective, s.mse, s.hits, s.with_pos, s.truncated, s.tokens, s.flops = sums.tolist()
+    s.mse /= run.world
+    s.n_terms = n_terms.item()
+    return s
+
+
+def optimizer_step(run: Run) -> float:
+    """Clip, step, clear the gradients; returns the gradient norm before clipping. Non-finite gradients stop
+    before the update (neither the weights nor AdamW's state see them), non-finite weights after it."""
+    opt = run.opt
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.trainable, run.a.grad_clip)
+    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+    if not math.isfinite(grad_norm):
+        raise StepFailed(f"non-finite gradients (norm {grad_norm})")
+    try:
+        opt.step()
+    except RuntimeError as e:  # AdamW's step size lr / (1 - beta1^t) past the float range (a huge --lr)
+        if "overflow" not in str(e):
+            raise
+        raise StepFailed(f"the optimizer step overflowed ({one_line(e)})") from None
+    opt.zero_grad(set_to_none=True)
+    # A finite loss and gradient can still step to inf/nan weights (a huge --lr): never save those.
+    if not params_finite(run.trainable, run.world > 1):
+        raise StepFailed(f"non-finite parameters after the optimizer step (lr {opt.param_groups[0]['lr']:g})")
+    return grad_norm
+
+
+def step_record(run: Run, s: StepStats, seconds: float) -> dict:
+    """The step's line in metrics.jsonl (and on the console)."""
+    a = run.a
+    rec = {"step": run.step, "loss": s.loss + a.mse_weight * s.mse, "infonce" if a.retrieval_warmup else "ce": s.loss,
+           "mse": s.mse, "lr": run.opt.param_groups[0]["lr"], "grad_norm": s.grad_norm,
+           "tokens_per_s": s.tokens / seconds, "samples_per_s": a.global_batch / seconds}
+    if a.stage == 3 and s.with_pos > 0:
+        rec[f"recall@{a.top_k}"] = s.hits / s.with_pos
+    if run.device.type == "cuda":  # the peak is an H100/H200's; a CPU has no figure to divide by
+        rec["mfu"] = mfu(s.flops, seconds, PEAK_BF16 * run.world)
+    return rec
+
+
+def nothing_saved(a, step: int, saved_step: int | None, what: str) -> UsageError:
+    """The one line for a step that failed (StepFailed): which step, and where the last good state is."""
+    if saved_step is not None:
+        last = f"the last finite checkpoint is where it was: {a.out / 'checkpoint'} (step {saved_step})"
+    elif (a.out / "checkpoint").exists():
+        last = f"this run saved nothing; {a.out / 'checkpoint'} is as it was before this run"
+    else:
+        last = "nothing was saved"
+    return UsageError(f"step {step + 1}: {what}; stopped before saving: {last}. Try a lower --lr.")
+
+
+def main(argv=None):
+    # Setup: every check that can refuse the run comes before --out is created or changed.
+    a = parse_args(argv)
+    a.run_record = run_record(a, argv)
+    check_data(a)
+    check_out(a)
+    device, rank, world = start_processes(a)
+    dtype = getattr(torch, a.dtype) if a.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if a.global_batch % (a.micro_batch * world):
+        raise UsageError(f"--global-batch {a.global_batch} is not a multiple of --micro-batch {a.micro_batch} "
+                         f"x world size {world}")
+    if a.stage == 0:
+        return pretrain_base(a, device, dtype)
+    run = setup(a, device, dtype, rank, world)
 
     from tqdm import tqdm
-    bar = tqdm(total=total, initial=step, disable=rank != 0, desc=f"stage {a.stage}", dynamic_ncols=True)
+    bar = tqdm(total=run.total, initial=run.step, disable=rank != 0, desc=f"stage {a.stage}", dynamic_ncols=True)
     a.out.mkdir(parents=True, exist_ok=True)  # only now: a run that cannot start leaves no folder behind
-    log = open_metrics(a.out, step if a.resume else None) if rank == 0 else None
-    saved_step = step if a.resume else None  # the last finite state in --out written by this run
-
-    def nothing_saved(what: str) -> UsageError:
-        if saved_step is not None:
-            last = f"the last finite checkpoint is where it was: {a.out / 'checkpoint'} (step {saved_step})"
-        elif (a.out / "checkpoint").exists():
-            last = f"this run saved nothing; {a.out / 'checkpoint'} is as it was before this run"
-        else:
-            last = "nothing was saved"
-        return UsageError(f"step {step + 1}: {what}; stopped before saving: {last}. Try a lower --lr.")
-
+    log = open_metrics(a.out, run.step if a.resume else None) if rank == 0 else None
+    saved_step = run.step if a.resume else None  # the last finite state in --out written by this run
+    stop_at = min(run.total, run.step + a.stop_after) if a.stop_after else run.total
+    stream, truncation_noted = micro_batches(run), False
     try:
-        truncated_reported = False
-        clara.train()
-        data_iter, iter_epoch = None, None
-        stop_at = min(total, step + a.stop_after) if a.stop_after else total
-        while step < stop_at:
+        run.clara.train()
+        while run.step < stop_at:
             t0 = time.perf_counter()
-            epoch, in_epoch = divmod(step, steps_per_epoch)
-            if iter_epoch != epoch or data_iter is None:  # (re)open the stream at this step's position
-                data_iter = batches(dataset, a.micro_batch, epoch, a.seed, rank, world, start_batch=in_epoch * accum)
-                iter_epoch = epoch
-            micro = []
-            for _ in range(accum):
-                records = check_warmup(next(data_iter), a)
-                try:
-                    micro.append(clara.collate(records, a.stage, seed=a.seed))
-                except ValueError as e:  # e.g. records of one batch with different numbers of documents
-                    raise UsageError(f"{records[0].get('_where', 'a batch')}: {one_line(e)}") from None
-                check_batch(micro[-1], records, clara, a)
-            # The step's loss is normalised by ALL its target tokens: count them first, across ranks.
-            n_tokens = torch.tensor(float(sum(len(m.pos_index) if a.retrieval_warmup else m.n_targets
-                                              for m in micro)), device=device)
-            if distributed:
-                dist.all_reduce(n_tokens)
-            n_tokens.clamp_(min=1)  # a step whose targets were all cut by --max-len contributes no CE
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, total, a)
-            torch.manual_seed(a.seed * 100003 + step * world + rank)  # LoRA dropout: a function of the step
-            ce_total, mse_total, hits, n_pos, truncated, tokens, flops = 0.0, 0.0, 0.0, 0, 0, 0, 0
-            for m in micro:
-                out = clara(m, a.stage, objective)
-                # FSDP averages gradients over ranks, hence ranks=world: the sum of CE over the step / its tokens.
-                loss = clara.total_loss(out, n_tokens, ranks=world, micro_batches=accum)
-                loss.backward()
-                ce_total += out.objective[0].item()
-                mse_total += out.mse.item() / accum
-                truncated += m.truncated
-                tokens += int(m.doc_mask.sum()) + int(m.dec_mask.sum())
-                flops += batch_flops(clara.model.cfg, clara.cfg.lora_r, m, a.stage, objective, trains_base)
-                if a.stage == 3:
-                    for row, pos in zip(out.topk.tolist(), m.pos_index):
-                        if pos:
-                            hits += len(set(row) & set(pos)) / len(pos)
-                            n_pos += 1
-            stats = torch.tensor([ce_total, mse_total, hits, n_pos, truncated, tokens, flops], device=device,
-                                 dtype=torch.float64)
-            if distributed:
-                dist.all_reduce(stats)
-            ce = stats[0].item() / n_tokens.item()
-            mse = stats[1].item() / world
-            if not math.isfinite(ce) or not math.isfinite(mse):
-                raise nothing_saved(f"non-finite loss (ce {ce}, mse {mse})")
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, a.grad_clip)
-            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-            if not math.isfinite(float(grad_norm)):  # before the update: neither weights nor AdamW state see it
-                raise nothing_saved(f"non-finite gradients (norm {float(grad_norm)})")
+            micro = [make_batch(run, next(stream)) for _ in range(run.accum)]
             try:
-                opt.step()
-            except RuntimeError as e:  # AdamW's step size lr / (1 - beta1^t) past the float range (a huge --lr)
-                if "overflow" not in str(e):
-                    raise
-                raise nothing_saved(f"the optimizer step overflowed ({one_line(e)})") from None
-            opt.zero_grad(set_to_none=True)
-            # A finite loss and gradient can still step to inf/nan weights (a huge --lr): never save those.
-            if not params_finite(trainable, distributed):
-                raise nothing_saved(f"non-finite parameters after the optimizer step (lr {opt.param_groups[0]['lr']:g})")
-            step += 1
-            if stats[4] > 0 and not truncated_reported:
+                s = train_step(run, micro)
+            except StepFailed as e:  # the weights may be broken: stop, and say where the last good ones are
+                raise nothing_saved(a, run.step, saved_step, str(e)) from None
+            run.step += 1
+            if s.truncated > 0 and not truncation_noted:  # said once: every step of a corpus may cut some
                 print0(f"note: documents longer than doc_len={a.doc_len} tokens are cut on the right "
-                       f"({int(stats[4])} in step {step}; reported once)")
-                truncated_reported = True
-            dt = time.perf_counter() - t0
-            rec = {"step": step, "loss": ce + a.mse_weight * mse, "infonce" if a.retrieval_warmup else "ce": ce, "mse": mse,
-                   "lr": opt.param_groups[0]["lr"],
-                   "grad_norm": float(grad_norm), "tokens_per_s": stats[5].item() / dt,
-                   "samples_per_s": a.global_batch / dt}
-            if a.stage == 3 and stats[3] > 0:
-                rec[f"recall@{a.top_k}"] = stats[2].item() / stats[3].item()
-            if device.type == "cuda":  # the peak is an H100/H200's; a CPU has no figure to divide by
-                rec["mfu"] = mfu(stats[6].item(), dt, PEAK_BF16 * world)
+                       f"({int(s.truncated)} in step {run.step}; reported once)")
+                truncation_noted = True
+            # Logging: the bar every step, a line every --log-every steps and at the last.
+            rec = step_record(run, s, time.perf_counter() - t0)
             bar.update(1)
             bar.set_postfix(loss=f"{rec['loss']:.4f}")
-            if log and (step % a.log_every == 0 or step == stop_at):
+            if log and (run.step % a.log_every == 0 or run.step == stop_at):
                 log.write(rec)
                 bar.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
-            if (a.save_every and step % a.save_every == 0) or step == stop_at:
-                save_all(clara, opt, a, step, {"epoch": step // steps_per_epoch}, rank)
-                saved_step = step
+            # Saving: the checkpoint and the resume state together, every --save-every steps and at the end.
+            if (a.save_every and run.step % a.save_every == 0) or run.step == stop_at:
+                save_all(run.clara, run.opt, a, run.step, {"epoch": run.step // run.steps_per_epoch}, rank)
+                saved_step = run.step
                 if log:
                     log.saved()
     finally:  # the bar's line ends before any error message
         bar.close()
         if log:
             log.close()
-    print0(f"done: {step} steps; checkpoint in {a.out / 'checkpoint'}")
-    if distributed:
+    print0(f"done: {run.step} steps; checkpoint in {a.out / 'checkpoint'}")
+    if world > 1:
         dist.destroy_process_group()
 
 

@@ -109,15 +109,23 @@ def test_matmul_flops_equal_torchs_count_of_a_real_step(clara, stage, objective,
     assert ours - attention_flops(clara.model.cfg, batch, stage, objective) == torch_mm
 
 
-def test_train_and_the_benchmarks_count_a_stage3_batch_alike(clara):
+def test_train_and_the_benchmarks_count_a_stage3_step_alike(tmp_path):
     """The two formulas this replaced were 1.95x apart on a stage-3 batch (train.py counted every encoder
-    token at 4 P, bench_train.py the no-grad candidates at 2 P): both now call batch_flops."""
-    clara.trainable_parameters(3)
-    batch = clara.collate(RECORDS[3], 3)
-    ours = train.batch_flops(clara.model.cfg, clara.cfg.lora_r, batch, 3)
-    assert bench_train.step_flops(clara, batch, 3) == ours
+    token at 4 P, bench_train.py the no-grad candidates at 2 P). Now a real train.py step (setup, train_step)
+    and bench_train.py's count of the same micro-batches agree, and both are the sum of the three passes."""
+    a = train.parse_args(["--stage", "3", "--out", str(tmp_path), "--device", "cpu", "--train-base", "0",
+                          "--global-batch", "4", "--micro-batch", "2", "--doc-len", "32", "--compr-rate", "8",
+                          "--max-len", "400", "--top-k", "2", "--vocab-size", "400"])
+    run = train.setup(a, torch.device("cpu"), torch.float32, rank=0, world=1)
+    stream = train.micro_batches(run)
+    micro = [train.make_batch(run, next(stream)) for _ in range(run.accum)]
+    stats = train.train_step(run, micro)
+    clara = run.clara
+    assert stats.flops == sum(bench_train.step_flops(clara, m, 3) for m in micro) > 0
     cfg, r = clara.model.cfg, clara.cfg.lora_r
-    targets = int((batch.labels[:, 1:] != -100).sum())
-    assert ours == (train.pass_flops(cfg, r, batch.doc_mask, trains=False)
-                    + train.pass_flops(cfg, r, batch.q_mask, trains=True, input_grad=False)
-                    + train.pass_flops(cfg, r, batch.dec_mask, trains=True, targets=targets))
+    for m in micro:
+        targets = int((m.labels[:, 1:] != -100).sum())
+        assert bench_train.step_flops(clara, m, 3) == (
+            train.pass_flops(cfg, r, m.doc_mask, trains=False)  # the N candidates, no gradient
+            + train.pass_flops(cfg, r, m.q_mask, trains=True, input_grad=False)  # the query reasoner
+            + train.pass_flops(cfg, r, m.dec_mask, trains=True, targets=targets))  # the decoder
