@@ -11,15 +11,16 @@ down in docs/method.md, never its code). One frozen decoder (model.py) carries t
              candidates -> differentiable top-k (topk.py) -> the selected vectors go into the slots
 
 Stages (docs/method.md#stages): 1 = compression pretraining (QA / paraphrase targets, encoder + decoder +
-<MEMi> embedding rows), 2 = instruction tuning (K documents per question, encoder + a fresh decoder),
-3 = end to end (query + decoder; documents compressed without gradient by the frozen encoder).
+<MEMi> embedding rows), 2 = instruction tuning (K documents per question, encoder + a fresh
+decoder), 3 = end to end (query + decoder; documents compressed without gradient by the frozen
+encoder).
 
 Also here: the inference API of the official model (same names), a memory bank of compressed documents
 searched by the query reasoner, our checkpoint format, and an importer for the released folders.
 
 Shape legend: B questions, N candidates, K documents per prompt (top-k), M memory tokens per document,
-T decoder tokens, L tokens of an encoder row (doc_max_length + 3 + M), H hidden size; E documents per
-question in a batch (K in stages 1 and 2, N in stage 3).
+T decoder tokens, L tokens of an encoder row (doc_max_length + 3 + M), H hidden size; E documents
+per question in a batch (K in stages 1 and 2, N in stage 3).
 """
 from __future__ import annotations
 
@@ -166,7 +167,7 @@ def text_prompt(question: str, docs: list[str], fmt: ChatFormat = MISTRAL) -> Pr
 
 @dataclass
 class Batch:
-    """The tensors of one training batch (`Clara.collate`). Each field means one thing in every stage.
+    """The tensors of one training batch (`Clara.collate`); a field means one thing in every stage.
 
     The encoder rows are question-major: question b owns rows b*E .. b*E+E-1, E = docs_per_question.
     """
@@ -174,12 +175,12 @@ class Batch:
     doc_mask: torch.Tensor     # (B*E, L) 1 = token, 0 = left padding
     docs_per_question: int     # E: K documents per prompt (stages 1, 2), N candidates (stage 3)
     truncated: int             # documents longer than doc_max_length, cut on the right
-    dec_ids: torch.Tensor      # (B, T) decoder prompt + target, left padded; memory slots as <MEMi>
+    dec_ids: torch.Tensor      # (B, T) decoder prompt + target, left padded; slots as <MEMi>
     dec_mask: torch.Tensor     # (B, T)
     labels: torch.Tensor       # (B, T) the target tokens (answer + end of turn), -100 elsewhere
-    q_ids: torch.Tensor | None = None    # (B, L) stage 3: the questions as encoder rows (query reasoner)
+    q_ids: torch.Tensor | None = None    # (B, L) stage 3: the questions as encoder rows
     q_mask: torch.Tensor | None = None   # (B, L)
-    pos_index: list[list[int] | None] | None = None  # stage 3: each question's positive candidates, if known
+    pos_index: list | None = None        # stage 3: each question's positives (a list, or None)
 
     @property
     def docs(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,12 +198,12 @@ class Batch:
 
 @dataclass
 class StageLoss:
-    """What one stage's forward returns (`Clara.loss`); `Clara.total_loss` makes the training loss of it.
+    """What one stage's forward returns (`Clara.loss`), made into the training loss by `total_loss`.
 
     The answer objective fills ce_sum / n_targets, the retrieval warm-up infonce_sum / n_questions.
     """
     mse: torch.Tensor                         # the alignment loss (stages 1, 2); 0 in stage 3
-    ce_sum: torch.Tensor | None = None        # the decoder's cross-entropy summed over its target tokens
+    ce_sum: torch.Tensor | None = None        # the decoder's CE summed over its target tokens
     n_targets: torch.Tensor | None = None     # their number
     infonce_sum: torch.Tensor | None = None   # the warm-up's InfoNCE summed over the questions
     n_questions: torch.Tensor | None = None   # their number
@@ -306,15 +307,15 @@ class Clara(nn.Module):
             p.requires_grad_(True)
         return params
 
-    # -- the encoder: documents (and stage-3 questions) -> memory vectors ------------------------------
+    # -- the encoder: documents (and stage-3 questions) -> memory vectors -------------------------
 
     def tokenize_for_encoder(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Documents, or stage-3 questions (laid out exactly alike), as encoder rows of L tokens:
-        "<ENC><s>text</s>" cut on the right to doc_max_length + 3 tokens, LEFT padded to that, then the M
-        memory tokens (L = doc_max_length + 3 + M).
+        "<ENC><s>text</s>" cut on the right to doc_max_length + 3 tokens, LEFT padded to that, then
+        the M memory tokens (L = doc_max_length + 3 + M).
 
-        <s> / </s> are the model's own bos / eos (`Tokenizer.document`; no bos for a model without one).
-        The text is text: a document holding "<MEM0>" or "</s>" does not open a slot or end early.
+        <s> / </s> are the model's own bos / eos (`Tokenizer.document`; no bos for a model without
+        one). The text is text: a document holding "<MEM0>" or "</s>" does not open a slot or end.
         Returns ids and mask (n, L) on the model's device and the number of texts that were cut.
         """
         n_text = self.cfg.doc_max_length + 3  # <ENC>, <s>, the text, </s>
@@ -327,11 +328,12 @@ class Clara(nn.Module):
         return ids.to(self.device), mask.to(self.device), truncated
 
     def encode(self, ids: torch.Tensor, mask: torch.Tensor, adapter: str = "encoder"):
-        """Encoder rows (n, L) -> their memory vectors (n, M, H) and the alignment loss (docs/method.md#losses).
+        """Encoder rows (n, L) -> memory vectors (n, M, H) and the alignment loss
+        (docs/method.md#losses). adapter "encoder" compresses documents, "query" encodes stage-3
+        questions (the query reasoner).
 
-        adapter "encoder" compresses documents, "query" encodes stage-3 questions (the query reasoner).
-        mse = mean over rows and hidden units of (mean_t∈mem h_t - mean_t∈text h_t)^2, where "text"
-        is every real non-memory token (<ENC>, <s>, the text, </s>).
+        mse = mean over rows and hidden units of (mean_t∈mem h_t - mean_t∈text h_t)^2, where
+        "text" is every real non-memory token (<ENC>, <s>, the text, </s>).
         """
         M = self.cfg.n_mem
         h = self.model(inputs_embeds=self.embed(ids), attention_mask=mask, adapter=adapter,
@@ -339,19 +341,21 @@ class Clara(nn.Module):
         mem = h[:, -M:]  # (n, M, H): the memory tokens are always the last M positions
         text_mask = mask.clone()
         text_mask[:, -M:] = 0
-        text_mean = (h * text_mask[..., None]).sum(1) / text_mask.sum(1, keepdim=True).clamp(min=1)  # (n, H)
+        n_text = text_mask.sum(1, keepdim=True).clamp(min=1)  # (n, 1)
+        text_mean = (h * text_mask[..., None]).sum(1) / n_text  # (n, H)
         mse = (mem.float().mean(1) - text_mean.float()).pow(2).mean()
         return mem, mse
 
-    # -- decoder prompts ----------------------------------------------------------------------------
+    # -- decoder prompts ---------------------------------------------------------------------------
 
     def tokenize_prompts(self, prompts: list[str], targets: list[str | None]):
-        """Chat prompts (+ targets) -> left-padded ids, mask and labels (B, T) (-100 except target + end of turn).
+        """Chat prompts (+ targets) -> left-padded ids, mask and labels, (B, T) each; the labels are
+        -100 but on the target and its end of turn.
 
-        A prompt from `build_prompt` keeps its text as text; a plain str is read as a template the caller wrote
-        (every special-token string in it is the token). The target is joined as the chat format says
-        (Mistral: " {answer}</s>"; ChatML: "{answer}<|im_end|>"). Sequences are capped at max_len tokens by
-        cutting on the right (the official truncation).
+        A prompt from `build_prompt` keeps its text as text; a plain str is read as a template the
+        caller wrote (every special-token string in it is the token). The target is joined as the
+        chat format says (Mistral: " {answer}</s>"; ChatML: "{answer}<|im_end|>"). Sequences are
+        capped at max_len tokens by cutting on the right (the official truncation).
         """
         rows, labels = [], []
         for p, t in zip(prompts, targets):
@@ -363,8 +367,9 @@ class Clara(nn.Module):
                 continue
             full = self.tok.encode(p + self.fmt.target(t))
             if full[:len(p_ids)] != p_ids:
-                raise ValueError(f"{self.tok.source}: the prompt's tokens are not a prefix of prompt+answer "
-                                 "tokens (a piece crosses the boundary); cannot place the labels")
+                raise ValueError(f"{self.tok.source}: the prompt's tokens are not a prefix of "
+                                 "prompt+answer tokens (a piece crosses the boundary); cannot "
+                                 "place the labels")
             full = full[:self.cfg.max_len]
             rows.append(full)
             labels.append([-100] * len(p_ids) + full[len(p_ids):])
@@ -375,8 +380,8 @@ class Clara(nn.Module):
     def splice(self, ids: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
         """Prompt embeddings with document j's M vectors written into the j-th memory slot.
 
-        ids (B, T) holding K slot groups per row; memory (B, K, M, H). One masked scatter: the memory
-        positions of the flattened batch, in row-major order, are exactly (b, j, m) in order.
+        ids (B, T) holding K slot groups per row; memory (B, K, M, H). One masked scatter: the
+        memory positions of the flattened batch, in row-major order, are exactly (b, j, m) in order.
         """
         emb = self.embed(ids)  # (B, T, H)
         m0, M = int(self.mem_ids[0]), self.cfg.n_mem
@@ -384,19 +389,21 @@ class Clara(nn.Module):
         B, K = memory.shape[:2]
         counts = is_mem.sum(1)
         if not bool((counts == K * M).all()):
-            raise ValueError(f"splice: every prompt must hold {K} slots of {M} memory tokens; found "
-                             f"{counts.tolist()} memory tokens (the prompt is longer than max_len="
-                             f"{self.cfg.max_len} and was cut: raise max_len)")
+            raise ValueError(f"splice: every prompt must hold {K} slots of {M} memory tokens; "
+                             f"found {counts.tolist()} memory tokens (the prompt is longer than "
+                             f"max_len={self.cfg.max_len} and was cut: raise max_len)")
         return emb.masked_scatter(is_mem[..., None], memory.to(emb.dtype))
 
-    def decoder_ce_sum(self, batch: "Batch", memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The decoder's cross-entropy SUMMED over the target tokens (fp32, shifted by one), and their number:
-        `total_loss` divides by the count of the whole optimizer step. memory (B, K, M, H) fills the slots."""
+    def decoder_ce_sum(self, batch: "Batch", memory: torch.Tensor):
+        """The decoder's cross-entropy SUMMED over the target tokens (fp32, shifted by one), and
+        their number; memory (B, K, M, H) fills the slots. `total_loss` divides by the whole step's
+        count."""
         emb = self.splice(batch.dec_ids, memory)  # (B, T, H)
-        h = self.model(inputs_embeds=emb, attention_mask=batch.dec_mask, adapter="decoder", output="hidden")
+        h = self.model(inputs_embeds=emb, attention_mask=batch.dec_mask, adapter="decoder",
+                       output="hidden")  # (B, T, H)
         labels = batch.labels[:, 1:]  # (B, T-1): token t+1 is predicted at position t
         keep = labels != -100
-        logits = self.model.output(h[:, :-1][keep]).float()  # (n_targets, V): only where there is a target
+        logits = self.model.output(h[:, :-1][keep]).float()  # (n_targets, V): only at the targets
         ce = F.cross_entropy(logits, labels[keep], reduction="sum")
         return ce, keep.sum()
 
@@ -406,35 +413,38 @@ class Clara(nn.Module):
         """Validated records (data.py) -> the tensors of one batch.
 
         stage 1: {"data_type", "question", "answers", "docs"} one document each
-        stage 2: {"question", "docs" (K), "answer"}; stage 3: {"question", "docs" (N), "answer", "pos_index"}
-        The paraphrase template is drawn per record from (seed, the record's file:line), so it does not
-        depend on how records are grouped into batches or ranks.
+        stage 2: {"question", "docs" (K), "answer"}
+        stage 3: {"question", "docs" (N), "answer", "pos_index"}
+        The paraphrase template is drawn per record from (seed, the record's file:line), so it does
+        not depend on how records are grouped into batches or ranks.
         """
-        E = len(records[0]["docs"])  # documents per question: K (stages 1, 2) or N candidates (stage 3)
+        E = len(records[0]["docs"])  # documents per question: K (stages 1, 2), N (stage 3)
         if any(len(r["docs"]) != E for r in records):
-            raise ValueError(f"collate: every record of a batch needs the same number of documents; got "
-                             f"{[len(r['docs']) for r in records]}")
-        doc_ids, doc_mask, truncated = self.tokenize_for_encoder([d for r in records for d in r["docs"]])
+            raise ValueError(f"collate: every record of a batch needs the same number of "
+                             f"documents; got {[len(r['docs']) for r in records]}")
+        docs = [d for r in records for d in r["docs"]]
+        doc_ids, doc_mask, truncated = self.tokenize_for_encoder(docs)  # (B*E, L)
         examples = [self.example(r, stage, seed, i) for i, r in enumerate(records)]
         dec_ids, dec_mask, labels = self.tokenize_prompts(*map(list, zip(*examples)))  # (B, T) each
         batch = Batch(doc_ids, doc_mask, E, truncated, dec_ids, dec_mask, labels)
-        if stage == 3:  # the questions, for the query reasoner; pos_index only for recall@k and the warm-up
-            batch.q_ids, batch.q_mask, _ = self.tokenize_for_encoder([r["question"] for r in records])
+        if stage == 3:  # the questions, for the query reasoner; pos_index: recall@k, the warm-up
+            questions = [r["question"] for r in records]
+            batch.q_ids, batch.q_mask, _ = self.tokenize_for_encoder(questions)  # (B, L)
             batch.pos_index = [r.get("pos_index") for r in records]
         return batch
 
     def example(self, record: dict, stage: int, seed: int = 0, i: int = 0) -> tuple[Prompt, str]:
-        """One record's training prompt and target (docs/method.md#prompts). Stage 3's prompt has top-k
-        slots, whatever the number of candidates; `i` names a record without a file:line (`_where`)."""
-        r, slots = record, self.mem_slots
+        """One record's training prompt and target (docs/method.md#prompts). Stage 3's prompt has
+        top-k slots, whatever the number of candidates; `i` names a record without a `_where`."""
+        r, slots, fmt = record, self.mem_slots, self.fmt
         if stage == 1 and r["data_type"] == "qa":
-            return build_prompt("qa", slots, qa=list(zip(r["question"], r["answers"])), fmt=self.fmt)
+            return build_prompt("qa", slots, qa=list(zip(r["question"], r["answers"])), fmt=fmt)
         if stage == 1:
             rng = random.Random(f"{seed}:{r.get('_where', i)}")
             template = rng.randrange(len(PARAPHRASE_TEMPLATES))
-            return build_prompt("paraphrase", slots, template=template, fmt=self.fmt)[0], r["answers"][0]
+            return build_prompt("paraphrase", slots, template=template, fmt=fmt)[0], r["answers"][0]
         K = self.cfg.generation_top_k if stage == 3 else len(r["docs"])
-        return build_prompt("answer", slots * K, question=r["question"], fmt=self.fmt)[0], r["answer"]
+        return build_prompt("answer", slots * K, question=r["question"], fmt=fmt)[0], r["answer"]
 
     def forward(self, batch: "Batch", stage: int, objective: str = "answer") -> "StageLoss":
         """The training forward is the stage loss (FSDP's hooks run around a module's forward)."""
@@ -443,8 +453,8 @@ class Clara(nn.Module):
     def loss(self, batch: "Batch", stage: int, objective: str = "answer") -> "StageLoss":
         """One stage's loss pieces (see `StageLoss`, `total_loss`).
 
-        objective="retrieval_warmup" (stage 3 only): the official optional warm-up instead of the answer
-        loss: InfoNCE over the query reasoner's scores, supervised by pos_index; no decoder pass.
+        objective="retrieval_warmup" (stage 3 only): the official optional warm-up instead of the
+        answer loss: InfoNCE over the query reasoner's scores, supervised by pos_index; no decoder.
         """
         zero = torch.zeros((), device=batch.dec_ids.device)
         if objective == "retrieval_warmup":
@@ -459,8 +469,8 @@ class Clara(nn.Module):
             raise ValueError(f"objective must be 'answer' or 'retrieval_warmup', got {objective!r}")
         if stage in (1, 2):
             mem, mse = self.encode(batch.doc_ids, batch.doc_mask)  # (B*K, M, H)
-            memory = mem.view(batch.dec_ids.shape[0], batch.docs_per_question, *mem.shape[1:])  # (B, K, M, H)
-            ce, n = self.decoder_ce_sum(batch, memory)
+            B, K = batch.dec_ids.shape[0], batch.docs_per_question
+            ce, n = self.decoder_ce_sum(batch, mem.view(B, K, *mem.shape[1:]))  # (B, K, M, H)
             return StageLoss(mse=mse, ce_sum=ce, n_targets=n)
         if stage != 3:
             raise ValueError(f"stage must be 1, 2 or 3, got {stage}")
@@ -471,21 +481,24 @@ class Clara(nn.Module):
     def retrieve(self, docs, questions, top_k: int | None = None):
         """Stage 3: query reasoner -> cosine scores -> differentiable top-k -> selected memory.
 
-        docs: (ids, mask) of the B*N candidates, question-major; questions: (ids, mask) of the B questions
-        (`tokenize_for_encoder`). Returns selected (B, K, M, H) in rank order, idx (B, K), scores (B, N).
+        docs: (ids, mask) of the B*N candidates, question-major; questions: (ids, mask) of the B
+        questions (`tokenize_for_encoder`). Returns selected (B, K, M, H) in rank order, idx (B, K)
+        and scores (B, N).
         """
         top_k = top_k or self.cfg.generation_top_k
         N = docs[0].shape[0] // questions[0].shape[0]
         if top_k > N:
             raise ValueError(f"top-k {top_k} is larger than the number of candidates {N}")
         scores, D = self.score_candidates(docs, questions)  # (B, N), (B, N, M*H)
-        W, idx = topk_select(scores, top_k, self.cfg.tau, self.cfg.topk_estimator, training=self.training)
-        selected = torch.einsum("bkn,bnd->bkd", W, D)  # (B, K, M*H): slot j holds the j-th ranked doc
+        W, idx = topk_select(scores, top_k, self.cfg.tau, self.cfg.topk_estimator,
+                             training=self.training)  # (B, K, N), (B, K)
+        selected = torch.einsum("bkn,bnd->bkd", W, D)  # (B, K, M*H): slot j = the j-th ranked doc
         return selected.view(scores.shape[0], top_k, self.cfg.n_mem, -1), idx, scores
 
     def score_candidates(self, docs, questions):
-        """Cosine scores (B, N) in fp32 between the query reasoner's question vector and each candidate's
-        memory, and the candidates' memory D (B, N, M*H) in fp32 (docs, questions: as in `retrieve`).
+        """Cosine scores (B, N) in fp32 between the query reasoner's question vector and each
+        candidate's memory, and the candidates' memory D (B, N, M*H) in fp32 (arguments as in
+        `retrieve`).
 
         As in stage 3 the documents go through the frozen encoder under no_grad with dropout off.
         """
@@ -500,13 +513,16 @@ class Clara(nn.Module):
         q, _ = self.encode(*questions, adapter="query")  # (B, M, H)
         return F.cosine_similarity(q.reshape(B, 1, -1).float(), D, dim=-1), D  # (B, N) fp32
 
-    def total_loss(self, out: "StageLoss", n_terms=None, ranks: int = 1, micro_batches: int = 1) -> torch.Tensor:
-        """The one loss formula: the objective summed over its terms / their number + mse_weight * alignment
-        loss (stages 1 and 2; 0 in stage 3). The terms: target tokens (CE), or questions (the warm-up).
+    def total_loss(self, out: "StageLoss", n_terms=None, ranks: int = 1,
+                   micro_batches: int = 1) -> torch.Tensor:
+        """The one loss formula: the objective summed over its terms / their number + mse_weight *
+        the alignment loss (stages 1 and 2; 0 in stage 3). The terms: target tokens (CE), or
+        questions (the warm-up's InfoNCE).
 
-        For one micro-batch's share of an optimizer step (train.py): `n_terms` the terms of the whole step
-        (all micro-batches, all ranks), `ranks` the number of ranks (FSDP averages their gradients, so each
-        rank's sum is scaled up by it), `micro_batches` the accumulation steps (the mse is their mean).
+        For one micro-batch's share of an optimizer step (train.py): `n_terms` the terms of the
+        whole step (all micro-batches, all ranks), `ranks` the number of ranks (FSDP averages their
+        gradients, so each rank's sum is scaled up by it), `micro_batches` the accumulation steps
+        (the mse is their mean).
         """
         summed, count = out.objective
         n = count if n_terms is None else n_terms
@@ -515,12 +531,14 @@ class Clara(nn.Module):
     # -- inference API (names and meaning of the official model) -----------------------------------
 
     @torch.no_grad()
-    def compress_documents(self, documents: list[str], batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    def compress_documents(self, documents: list[str],
+                           batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
         """Documents -> (embeddings (n, M, H), mse), as the official call returns them.
 
         Encoder adapter, eval mode (no dropout). mse is the alignment loss of `encode` over all n
-        documents (the batches' losses weighted by their sizes: the same mean as one pass over all of them).
-        Port `emb, _ = model.compress_documents(docs)` as it is; `compress_texts` returns the tensor alone.
+        documents (the batches' losses weighted by their sizes: the same mean as one pass over all
+        of them). Port `emb, _ = model.compress_documents(docs)` as it is; `compress_texts` returns
+        the tensor alone.
         """
         if not documents:
             raise ValueError("compress_documents: no documents to compress")
@@ -534,7 +552,7 @@ class Clara(nn.Module):
         return torch.cat(out), mse / len(documents)
 
     def compress_texts(self, documents: list[str], batch_size: int = 32) -> torch.Tensor:
-        """Documents -> memory vectors (n, M, H) only: `compress_documents` without the alignment loss."""
+        """Documents -> memory vectors (n, M, H) only: `compress_documents` without the mse."""
         return self.compress_documents(documents, batch_size)[0]
 
     def _check_docs(self, questions, documents):
@@ -543,8 +561,10 @@ class Clara(nn.Module):
         E = len(documents[0])  # documents per question
         bad = [i for i, d in enumerate(documents) if len(d) != E or isinstance(d, str)]
         if bad:
+            first = documents[bad[0]]
+            has = "a string" if isinstance(first, str) else len(first)
             raise ValueError(f"every question needs a list of the same number of documents ({E}); "
-                             f"question {bad[0]} has {len(documents[bad[0]]) if not isinstance(documents[bad[0]], str) else 'a string'}")
+                             f"question {bad[0]} has {has}")
         return E
 
     @torch.no_grad()
@@ -620,20 +640,24 @@ class Clara(nn.Module):
         prompts = [build_prompt("paraphrase", self.mem_slots * k, fmt=self.fmt)[0] for _ in questions]
         return self._generate(prompts, mem.view(len(questions), k, *mem.shape[1:]), max_new_tokens)
 
-    def generate_from_questions(self, questions: list[str], documents: list[list[str]], max_new_tokens: int = 64,
+    def generate_from_questions(self, questions: list[str], documents: list[list[str]],
+                                max_new_tokens: int = 64,
                                 top_k: int | None = None) -> tuple[list[str], torch.Tensor]:
         """Stage-3 (E2E) checkpoints: pick the top-k of each question's N candidates, then answer.
 
         Returns (answers, topk_indices (B, K) into each question's candidate list, in rank order).
         """
         if "query" not in self.model.adapters:
-            raise ValueError("generate_from_questions needs a stage-3 checkpoint (no query adapter loaded)")
+            raise ValueError("generate_from_questions needs a stage-3 checkpoint (no query adapter "
+                             "loaded)")
         self._check_docs(questions, documents)
         self.eval()
         with torch.no_grad():
-            docs = self.tokenize_for_encoder([d for ds in documents for d in ds])[:2]  # (B*N, L) ids, mask
+            flat = [d for ds in documents for d in ds]
+            docs = self.tokenize_for_encoder(flat)[:2]  # ids, mask (B*N, L)
             selected, idx, _ = self.retrieve(docs, self.tokenize_for_encoder(questions)[:2], top_k)
-        prompts = [build_prompt("answer", self.mem_slots * idx.shape[1], question=q, fmt=self.fmt)[0] for q in questions]
+        slots = self.mem_slots * idx.shape[1]
+        prompts = [build_prompt("answer", slots, question=q, fmt=self.fmt)[0] for q in questions]
         return self._generate(prompts, selected, max_new_tokens), idx
 
     @torch.no_grad()

@@ -450,7 +450,7 @@ def run_batch(clara: Clara, mode: str, batch: list[dict], k: int, max_new_tokens
         timing["compress"] = clock() - t0
         t0 = clock()
         D = mem.view(B, N, -1).float()  # (B, N, M*H): the candidates of question b
-        q_ids, q_mask, _ = clara.tokenize_for_encoder(questions)  # a question is laid out like a document
+        q_ids, q_mask, _ = clara.tokenize_for_encoder(questions)  # laid out like a document
         q, _ = clara.encode(q_ids, q_mask, adapter="query")  # (B, M, H)
         scores = F.cosine_similarity(q.reshape(B, 1, -1).float(), D, dim=-1)  # (B, N), fp32 as in training
         # Rank deeper than k when recall@5 needs it; the hard top-R is a stable sort, so its first k are

@@ -50,7 +50,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from clara import PROMPT_TEXTS, Batch, Clara, ClaraConfig, checkpoint_dir, complete_dir, replace_dir, text_prompt
+from clara import (PROMPT_TEXTS, Batch, Clara, ClaraConfig, checkpoint_dir, complete_dir,
+                   replace_dir, text_prompt)
 from data import DataError, JsonlDataset, Tokenizer, batches, left_pad, train_tokenizer, validate_record
 from model import LoRAConfig, ModelConfig, PRESETS, Transformer
 
@@ -408,7 +409,7 @@ def build_clara(a, dataset, device, dtype, rank) -> Clara:
         if a.stage == 2 and clara.loaded_stage == 2:  # a stage-2 checkpoint: continue with its decoder
             print0(f"stage 2: {a.init} is a stage-2 checkpoint; training continues with its decoder")
         elif a.stage == 2:
-            torch.manual_seed(a.seed)  # the fresh adapter's A from --seed: torch seeds itself at random
+            torch.manual_seed(a.seed)  # the fresh adapter's A from --seed (torch's seed is random)
             clara.model.reset_adapter("decoder")  # stage 2 trains a FRESH decoder adapter
         if a.stage == 3 and "query" in clara.loaded_adapters:  # a stage-3 checkpoint: continue from its query
             print0(f"stage 3: {a.init} has a trained query reasoner; training continues from it")
@@ -945,43 +946,46 @@ PEAK_BF16 = 989e12  # FLOP/s of one H100/H200 SXM, dense bf16: the MFU denominat
 
 def block_linears(cfg: ModelConfig) -> list[tuple[int, int]]:
     """(in, out) of the seven projections of one block, in order q, k, v, o, gate, up, down."""
-    H, q, kv, inner = cfg.dim, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.intermediate_size
+    H, inner = cfg.dim, cfg.intermediate_size
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     return [(H, q), (H, kv), (H, kv), (q, H), (H, inner), (H, inner), (inner, H)]
 
 
 def causal_pairs(n: torch.Tensor, window: int | None) -> int:
-    """(query, key) pairs that causal attention (within the sliding window) computes for rows of n real
-    tokens: token i sees min(i + 1, window) keys, so a row holds n(n+1)/2 pairs, or, past the window,
-    w(w+1)/2 + (n - w) w."""
-    n = n.long()
+    """The (query, key) pairs causal attention computes for rows of n real tokens: token i sees
+    min(i + 1, window) keys, so a row holds n(n+1)/2 pairs, or w(w+1)/2 + (n - w) w past the
+    window w."""
+    n = n.long()  # (rows,)
     if window is None:
         return int((n * (n + 1) // 2).sum())
     w = torch.clamp(n, max=window)  # (rows,)
     return int((w * (w + 1) // 2 + (n - w) * window).sum())
 
 
-def pass_flops(cfg: ModelConfig, lora_rank: int, mask: torch.Tensor, trains: bool, input_grad: bool = True,
-               train_base: bool = False, targets: int = 0) -> int:
-    """Matmul FLOPs of one pass of the decoder stack, one LoRA adapter active, over left-padded rows.
+def pass_flops(cfg: ModelConfig, lora_rank: int, mask: torch.Tensor, trains: bool,
+               input_grad: bool = True, train_base: bool = False, targets: int = 0) -> int:
+    """Matmul FLOPs of one pass of the decoder stack (one LoRA adapter active) over padded rows.
 
-    mask (rows, T): 1 = a real token; padding is not useful work and does not count. With, summed over the
-    layers, P = the base weights of the projections (in * out each) and R = one adapter's (r * (in + out)):
+    mask (rows, T): 1 = a real token; padding is not useful work and is not counted. Summed over the
+    layers, P = the projections' base weights (in * out each), R = one adapter's (r * (in + out)):
 
-        per real token     forward                          2 (P + R)
-                           backward (trains=True only):     2 (P + R)  input gradients: a frozen weight
-                                                                       still passes the gradient down
-                                                          + 2 R        the adapter's A and B gradients
-                                                          + 2 P        the base's weight gradients (train_base)
-        per causal pair    forward                          4 D Hq     QK^T and PV, every layer
-        of real tokens     backward (trains=True only):     8 D Hq     dQ, dK, dV and dP
-        per target         forward                          2 V H      the output layer runs only at the targets
-                           backward (trains=True only):     2 V H      (Clara.decoder_ce_sum), + 2 V H with
-                                                                       train_base
-    input_grad=False: the pass's input embeddings carry no gradient, so autograd skips the input gradient of
-    the first layer's q, k and v (2 (in*out + r*in) each per token; the query reasoner, stage 2's encoder).
-    Not counted: norms, RoPE, SwiGLU, softmax, biases, the cosine scores and the top-k (all elementwise or
-    below 0.1%), and recomputation: activation checkpointing re-runs the forward, but MFU counts the
-    model's FLOPs, not the hardware's (as the PaLM paper defines it), so it shows as a lower MFU.
+      per real token   forward                    2 (P + R)
+                       backward (trains=True)     2 (P + R)  input gradients: a frozen weight still
+                                                             passes the gradient down
+                                                + 2 R        the adapter's A and B gradients
+                                                + 2 P        train_base: the base's weights
+      per causal pair  forward                    4 D Hq     QK^T and PV, in every layer
+      of real tokens   backward (trains=True)     8 D Hq     dQ, dK, dV and dP
+      per target       forward                    2 V H      the output layer runs only there
+                       backward (trains=True)     2 V H      (decoder_ce_sum), + 2 V H train_base
+
+    input_grad=False: the pass's input embeddings carry no gradient (the query reasoner, stage 2's
+    encoder), so autograd skips the input gradients of the first layer's q, k and v:
+    2 (in*out + r*in) each, per token.
+
+    Not counted: norms, RoPE, SwiGLU, softmax, biases, the cosine scores and the top-k (elementwise,
+    or under 0.1%), and recomputation: activation checkpointing re-runs the forward, but MFU counts
+    the model's FLOPs, not the hardware's (the PaLM paper's definition).
     """
     linears = block_linears(cfg)
     P = cfg.n_layers * sum(i * o for i, o in linears)
@@ -992,30 +996,34 @@ def pass_flops(cfg: ModelConfig, lora_rank: int, mask: torch.Tensor, trains: boo
     head = 2 * cfg.vocab_size * cfg.dim * targets
     flops = 2 * (P + R) * tokens + attn + head
     if trains:
-        flops += (2 * (P + R) + 2 * R + 2 * P * train_base) * tokens + 2 * attn + head * (1 + train_base)
-        if not input_grad and not train_base:  # (train_base: the embeddings and norms train, so x needs one)
+        per_token = 2 * (P + R) + 2 * R + 2 * P * train_base
+        flops += per_token * tokens + 2 * attn + head * (1 + train_base)
+        # (a trained base: the embeddings and norms train, so every layer's input needs a gradient)
+        if not input_grad and not train_base:
             flops -= sum(2 * (i * o + lora_rank * i) for i, o in linears[:3]) * tokens
     return flops
 
 
-def batch_flops(cfg: ModelConfig, lora_rank: int, batch: Batch, stage: int, objective: str = "answer",
-                train_base: bool = False) -> int:
-    """FLOPs of one forward + backward of a collated batch (Clara.loss, then backward), pass by pass:
+def batch_flops(cfg: ModelConfig, lora_rank: int, batch: Batch, stage: int,
+                objective: str = "answer", train_base: bool = False) -> int:
+    """FLOPs of one forward + backward of a collated batch (Clara.loss, then backward), by pass:
 
-        stages 1, 2   the documents through the trained encoder (their input embeddings carry a gradient
-                      in stage 1 only: the <MEMi> rows train), the prompts through the trained decoder
+        stages 1, 2   the documents through the trained encoder (their input embeddings carry a
+                      gradient in stage 1 only: the <MEMi> rows train), the prompts through the
+                      trained decoder
         stage 3       the N candidates through the frozen encoder under no_grad (forward only), the
-                      questions through the trained query reasoner, the prompts through the trained decoder
-                      (the retrieval warm-up runs no decoder)
+                      questions through the trained query reasoner, the prompts through the trained
+                      decoder (the retrieval warm-up runs no decoder)
 
     The decoder's inputs always carry a gradient (the spliced memory); its targets are the labelled
-    positions after the shift, exactly the logits Clara.decoder_ce_sum computes. A step's FLOPs are the sum
-    over its micro-batches and ranks.
+    positions after the shift, exactly where Clara.decoder_ce_sum computes logits. A step's FLOPs
+    are the sum over its micro-batches and ranks.
     """
     def count(mask, **kw):
         return pass_flops(cfg, lora_rank, mask, train_base=train_base, **kw)
 
-    decoder = count(batch.dec_mask, trains=True, targets=int((batch.labels[:, 1:] != -100).sum()))
+    targets = int((batch.labels[:, 1:] != -100).sum())
+    decoder = count(batch.dec_mask, trains=True, targets=targets)
     if stage in (1, 2):
         return count(batch.doc_mask, trains=True, input_grad=stage == 1) + decoder
     docs = count(batch.doc_mask, trains=False)
@@ -1024,8 +1032,8 @@ def batch_flops(cfg: ModelConfig, lora_rank: int, batch: Batch, stage: int, obje
 
 
 def mfu(flops: float, seconds: float, peak: float) -> float:
-    """Model FLOPs utilisation: the FLOPs the model needed (batch_flops) / the time / the peak FLOP/s of
-    the devices that ran them (PEAK_BF16 x ranks on H100/H200)."""
+    """Model FLOPs utilisation: the FLOPs the model needed (batch_flops) / the time / the peak
+    FLOP/s of the devices that ran them (PEAK_BF16 x ranks on H100/H200)."""
     return flops / seconds / peak
 
 
@@ -1042,8 +1050,8 @@ def check_data(a):
 
 
 def check_batch(micro: Batch, records: list[dict], clara: Clara, a):
-    """What a step cannot run with, named by the record: too few candidates for --top-k (stage 3), or a
-    prompt whose memory slots --max-len cuts off."""
+    """What a step cannot run with, named by the record: too few candidates for --top-k (stage 3),
+    or a prompt whose memory slots --max-len cuts off."""
     where = lambda i: records[i].get("_where", f"record {i}")
     E = micro.docs_per_question
     if a.stage == 3 and not a.retrieval_warmup and E < a.top_k:
@@ -1055,11 +1063,12 @@ def check_batch(micro: Batch, records: list[dict], clara: Clara, a):
     slots = E if a.stage != 3 else a.top_k
     m0 = int(clara.mem_ids[0])
     ids = micro.dec_ids
-    n_mem = ((ids >= m0) & (ids < m0 + clara.cfg.n_mem)).sum(1)  # (B,) memory tokens kept per prompt
+    n_mem = ((ids >= m0) & (ids < m0 + clara.cfg.n_mem)).sum(1)  # (B,) memory tokens per prompt
     short = (n_mem != slots * clara.cfg.n_mem).nonzero().flatten().tolist()
     if short:
-        raise UsageError(f"{where(short[0])}: the prompt is longer than --max-len {a.max_len} tokens (its memory "
-                         f"slots are cut off); raise --max-len or shorten the question")
+        raise UsageError(f"{where(short[0])}: the prompt is longer than --max-len {a.max_len} "
+                         f"tokens (its memory slots are cut off); raise --max-len or shorten the "
+                         f"question")
 
 
 def params_finite(params, distributed: bool) -> bool:
@@ -1084,7 +1093,7 @@ class Run:
     accum: int                   # micro-batches per rank in one optimizer step
     dataset: JsonlDataset
     steps_per_epoch: int
-    total: int                   # optimizer steps of the whole schedule (the lr schedule spans them)
+    total: int                   # optimizer steps of the whole schedule (the lr schedule's span)
     clara: Clara
     trainable: list              # the parameters AdamW steps
     opt: torch.optim.Optimizer
@@ -1102,8 +1111,8 @@ class Run:
 @dataclass
 class StepStats:
     """One optimizer step's sums over its micro-batches, then over the ranks."""
-    objective: float = 0.0   # the objective summed over its terms: CE over target tokens, InfoNCE over questions
-    mse: float = 0.0         # the alignment loss: the mean over micro-batches, summed over ranks
+    objective: float = 0.0   # summed over its terms (CE: target tokens; InfoNCE: questions)
+    mse: float = 0.0         # the alignment loss: the mean over micro-batches and ranks
     hits: float = 0.0        # stage 3: recall@k summed over the questions that have positives
     with_pos: float = 0      # the number of those questions
     truncated: float = 0     # documents cut to --doc-len
@@ -1122,21 +1131,26 @@ class StepFailed(Exception):
 
 
 def start_processes(a) -> tuple[torch.device, int, int]:
-    """(device, rank, world size). torchrun sets WORLD_SIZE: then one process group, NCCL on GPU and gloo on
-    CPU, and each GPU process on its LOCAL_RANK's device."""
+    """(device, rank, world size). torchrun sets WORLD_SIZE: then one process group, NCCL on GPU and
+    gloo on CPU, and each GPU process on its LOCAL_RANK's device. Every rank must get whole
+    micro-batches of the global batch."""
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if int(os.environ.get("WORLD_SIZE", 1)) <= 1:
-        return device, 0, 1
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    return device, dist.get_rank(), dist.get_world_size()
+    rank, world = 0, 1
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+    if a.global_batch % (a.micro_batch * world):
+        raise UsageError(f"--global-batch {a.global_batch} is not a multiple of --micro-batch "
+                         f"{a.micro_batch} x world size {world}")
+    return device, rank, world
 
 
 def open_data(a) -> tuple[JsonlDataset, int, int]:
-    """The training records, (dataset, steps per epoch, total steps); checked whole up front when they are
-    few enough, so that a bad record fails the run before it starts rather than hours into it."""
+    """(the training records, steps per epoch, total steps). Records few enough are all checked up
+    front: a bad record fails the run before it starts rather than hours into it."""
     dataset = JsonlDataset(a.data, a.stage)
     if len(dataset) <= a.check_limit:
         errors = dataset.check(max_errors=10)
@@ -1144,18 +1158,19 @@ def open_data(a) -> tuple[JsonlDataset, int, int]:
             raise UsageError("bad training data (nothing was written): " + "; ".join(errors))
     steps_per_epoch = len(dataset) // a.global_batch
     if steps_per_epoch == 0:
-        raise UsageError(f"--data {' '.join(a.data)}: {len(dataset)} records is less than one global batch "
-                         f"({a.global_batch})")
+        raise UsageError(f"--data {' '.join(a.data)}: {len(dataset)} records is less than one "
+                         f"global batch ({a.global_batch})")
     return dataset, steps_per_epoch, a.max_steps or a.epochs * steps_per_epoch
 
 
 def setup(a, device: torch.device, dtype: torch.dtype, rank: int, world: int) -> Run:
-    """The data, the model with the stage's trainable set (sharded over the ranks), AdamW, and with --resume
-    the saved state. Nothing in --out changes here, except a preset model's base/ (build_clara)."""
+    """The data, the model with the stage's trainable set (sharded over the ranks), AdamW, and with
+    --resume the saved state. Nothing in --out changes here, but a preset model's base/
+    (build_clara)."""
     dataset, steps_per_epoch, total = open_data(a)
-    if a.resume and not complete_dir(a.out / "resume").is_dir():  # resume.old after a killed swap counts
+    if a.resume and not complete_dir(a.out / "resume").is_dir():  # or resume.old (a killed swap)
         raise UsageError(f"--resume: {a.out / 'resume'} does not exist; nothing to resume")
-    # Under FSDP the weights load in fp32 and MixedPrecisionPolicy casts them for compute (shard()).
+    # Under FSDP the weights load in fp32; MixedPrecisionPolicy casts them for compute (shard()).
     clara = build_clara(a, dataset, device, torch.float32 if world > 1 else dtype, rank)
     clara.model.activation_checkpointing = a.activation_checkpointing
     params = clara.trainable_parameters(a.stage, train_base=a.train_base)
@@ -1165,7 +1180,8 @@ def setup(a, device: torch.device, dtype: torch.dtype, rank: int, world: int) ->
     if world > 1:
         shard(clara, dtype, device)
     trainable = [p for p in clara.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=a.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=a.weight_decay)
+    opt = torch.optim.AdamW(trainable, lr=a.lr, betas=(0.9, 0.95), eps=1e-8,
+                            weight_decay=a.weight_decay)
     accum = a.global_batch // (a.micro_batch * world)
     run = Run(a, device, rank, world, accum, dataset, steps_per_epoch, total, clara, trainable, opt)
     if a.resume:
@@ -1174,17 +1190,19 @@ def setup(a, device: torch.device, dtype: torch.dtype, rank: int, world: int) ->
         except FileNotFoundError as e:
             raise UsageError(str(e)) from None
         print0(f"resumed from {a.out / 'resume'} at step {run.step}")
+    n_train = sum(p.numel() for p in params.values())
     n_base = sum(p.numel() for n, p in clara.model.named_parameters() if "lora_" not in n)
-    print0(f"stage {a.stage}: {len(dataset)} records, {total} steps of {a.global_batch} ({accum} micro-batches "
-           f"of {a.micro_batch} x {world} ranks), {sum(p.numel() for p in params.values()):,} trainable / "
-           f"{n_base:,} base parameters, {clara.cfg.n_mem} memory tokens per document, device {device}, {dtype}")
+    print0(f"stage {a.stage}: {len(dataset)} records, {total} steps of {a.global_batch} ({accum} "
+           f"micro-batches of {a.micro_batch} x {world} ranks), {n_train:,} trainable / "
+           f"{n_base:,} base parameters, {clara.cfg.n_mem} memory tokens per document, device "
+           f"{device}, {dtype}")
     return run
 
 
 def micro_batches(run: Run):
-    """This rank's micro-batches of records from step run.step on, epoch after epoch. Each epoch's order is
-    drawn from (seed, epoch) and read from the step's position on, so a resumed run reads what an
-    uninterrupted one would have."""
+    """This rank's micro-batches of records from step run.step on, epoch after epoch. Each epoch's
+    order is drawn from (seed, epoch) and read from the step's position on, so a resumed run reads
+    exactly what an uninterrupted one would have."""
     first = run.step
     for epoch in itertools.count(first // run.steps_per_epoch):
         start = first - epoch * run.steps_per_epoch if epoch == first // run.steps_per_epoch else 0
@@ -1194,7 +1212,7 @@ def micro_batches(run: Run):
 
 
 def make_batch(run: Run, records: list[dict]) -> Batch:
-    """Records -> a checked Batch; what it cannot train on is a UsageError naming the record."""
+    """Records -> a checked Batch; what a step cannot train on is a UsageError naming the record."""
     a = run.a
     records = check_warmup(records, a)
     try:
@@ -1206,19 +1224,20 @@ def make_batch(run: Run, records: list[dict]) -> Batch:
 
 
 def train_step(run: Run, micro: list[Batch]) -> StepStats:
-    """One optimizer step over this rank's micro-batches; raises StepFailed for a non-finite loss, gradient
-    or weight, before anything is saved (the weights may have moved: main() stops)."""
+    """One optimizer step over this rank's micro-batches. A non-finite loss, gradient or weight
+    raises StepFailed before anything is saved (the weights may have moved: main() stops)."""
     a = run.a
-    # The step's loss is normalised by ALL its terms (target tokens; questions in the warm-up), on all
-    # ranks: count them first. A step whose targets were all cut by --max-len contributes no CE.
-    n_terms = torch.tensor(float(sum(len(m.pos_index) if a.retrieval_warmup else m.n_targets for m in micro)),
-                           device=run.device)
+    # The step's loss is normalised by ALL its terms (target tokens; questions in the warm-up), on
+    # all ranks: count them first. A step whose targets were all cut by --max-len adds no CE.
+    counts = [len(m.pos_index) if a.retrieval_warmup else m.n_targets for m in micro]
+    n_terms = torch.tensor(float(sum(counts)), device=run.device)
     if run.world > 1:
         dist.all_reduce(n_terms)
     n_terms.clamp_(min=1)
     for g in run.opt.param_groups:
         g["lr"] = lr_at(run.step, run.total, a)
-    torch.manual_seed(a.seed * 100003 + run.step * run.world + run.rank)  # LoRA dropout: a function of the step
+    # LoRA dropout: a function of the step (and rank), so a resumed run draws the same masks
+    torch.manual_seed(a.seed * 100003 + run.step * run.world + run.rank)
     s = forward_backward(run, micro, n_terms)
     if not math.isfinite(s.loss) or not math.isfinite(s.mse):
         raise StepFailed(f"non-finite loss (ce {s.loss}, mse {s.mse})")
@@ -1227,19 +1246,20 @@ def train_step(run: Run, micro: list[Batch]) -> StepStats:
 
 
 def forward_backward(run: Run, micro: list[Batch], n_terms: torch.Tensor) -> StepStats:
-    """Every micro-batch's loss backward (gradients accumulate), and the step's sums over all ranks."""
-    a, clara = run.a, run.clara
+    """Every micro-batch's loss, backward (gradients accumulate); the step's sums over all ranks."""
+    a, clara, objective = run.a, run.clara, run.objective
     s = StepStats()
     for m in micro:
-        out = clara(m, a.stage, run.objective)
-        # FSDP averages gradients over ranks, hence ranks=world: the sum of CE over the step / its tokens.
+        out = clara(m, a.stage, objective)
+        # FSDP averages gradients over ranks, hence ranks=world: the step's summed CE / its tokens.
         clara.total_loss(out, n_terms, ranks=run.world, micro_batches=run.accum).backward()
         s.objective += out.objective[0].item()
         s.mse += out.mse.item() / run.accum
         s.truncated += m.truncated
         s.tokens += int(m.doc_mask.sum()) + int(m.dec_mask.sum())
-        s.flops += batch_flops(clara.model.cfg, clara.cfg.lora_r, m, a.stage, run.objective, run.trains_base)
-        if a.stage == 3:  # recall@k of the selected candidates, where the record names its positives
+        s.flops += batch_flops(clara.model.cfg, clara.cfg.lora_r, m, a.stage, objective,
+                               run.trains_base)
+        if a.stage == 3:  # recall@k of the selected candidates where the record names its positives
             for row, pos in zip(out.topk.tolist(), m.pos_index):
                 if pos:
                     s.hits += len(set(row) & set(pos)) / len(pos)
@@ -1255,8 +1275,9 @@ def forward_backward(run: Run, micro: list[Batch], n_terms: torch.Tensor) -> Ste
 
 
 def optimizer_step(run: Run) -> float:
-    """Clip, step, clear the gradients; returns the gradient norm before clipping. Non-finite gradients stop
-    before the update (neither the weights nor AdamW's state see them), non-finite weights after it."""
+    """Clip, step, clear the gradients; returns the gradient norm before clipping. Non-finite
+    gradients stop before the update (neither the weights nor AdamW's state see them), non-finite
+    weights after it."""
     opt = run.opt
     grad_norm = torch.nn.utils.clip_grad_norm_(run.trainable, run.a.grad_clip)
     grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
@@ -1264,22 +1285,24 @@ def optimizer_step(run: Run) -> float:
         raise StepFailed(f"non-finite gradients (norm {grad_norm})")
     try:
         opt.step()
-    except RuntimeError as e:  # AdamW's step size lr / (1 - beta1^t) past the float range (a huge --lr)
+    except RuntimeError as e:  # AdamW's step lr / (1 - beta1^t) past the float range (huge --lr)
         if "overflow" not in str(e):
             raise
         raise StepFailed(f"the optimizer step overflowed ({one_line(e)})") from None
     opt.zero_grad(set_to_none=True)
     # A finite loss and gradient can still step to inf/nan weights (a huge --lr): never save those.
     if not params_finite(run.trainable, run.world > 1):
-        raise StepFailed(f"non-finite parameters after the optimizer step (lr {opt.param_groups[0]['lr']:g})")
+        lr = opt.param_groups[0]["lr"]
+        raise StepFailed(f"non-finite parameters after the optimizer step (lr {lr:g})")
     return grad_norm
 
 
 def step_record(run: Run, s: StepStats, seconds: float) -> dict:
     """The step's line in metrics.jsonl (and on the console)."""
     a = run.a
-    rec = {"step": run.step, "loss": s.loss + a.mse_weight * s.mse, "infonce" if a.retrieval_warmup else "ce": s.loss,
-           "mse": s.mse, "lr": run.opt.param_groups[0]["lr"], "grad_norm": s.grad_norm,
+    rec = {"step": run.step, "loss": s.loss + a.mse_weight * s.mse,
+           "infonce" if a.retrieval_warmup else "ce": s.loss, "mse": s.mse,
+           "lr": run.opt.param_groups[0]["lr"], "grad_norm": s.grad_norm,
            "tokens_per_s": s.tokens / seconds, "samples_per_s": a.global_batch / seconds}
     if a.stage == 3 and s.with_pos > 0:
         rec[f"recall@{a.top_k}"] = s.hits / s.with_pos
@@ -1288,10 +1311,47 @@ def step_record(run: Run, s: StepStats, seconds: float) -> dict:
     return rec
 
 
+class Log:
+    """What a run reports: the progress bar every step; a metrics.jsonl line and a console line
+    every --log-every steps and at the last (rank 0 only); a note said once."""
+
+    def __init__(self, run: Run, stop_at: int):
+        from tqdm import tqdm
+        a = run.a
+        self.a, self.stop_at, self.truncation_noted = a, stop_at, False
+        self.bar = tqdm(total=run.total, initial=run.step, disable=run.rank != 0,
+                        desc=f"stage {a.stage}", dynamic_ncols=True)
+        resumed = run.step if a.resume else None
+        self.metrics = open_metrics(a.out, resumed) if run.rank == 0 else None
+
+    def step(self, run: Run, s: StepStats, seconds: float):
+        if s.truncated > 0 and not self.truncation_noted:  # once: every step of a corpus may cut
+            print0(f"note: documents longer than doc_len={self.a.doc_len} tokens are cut on the "
+                   f"right ({int(s.truncated)} in step {run.step}; reported once)")
+            self.truncation_noted = True
+        rec = step_record(run, s, seconds)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{rec['loss']:.4f}")
+        if self.metrics and (run.step % self.a.log_every == 0 or run.step == self.stop_at):
+            self.metrics.write(rec)
+            self.bar.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                    for k, v in rec.items()))
+
+    def saved(self):  # the curve so far is now the checkpoint's (Metrics.saved)
+        if self.metrics:
+            self.metrics.saved()
+
+    def close(self):  # the bar's line ends before any error message
+        self.bar.close()
+        if self.metrics:
+            self.metrics.close()
+
+
 def nothing_saved(a, step: int, saved_step: int | None, what: str) -> UsageError:
-    """The one line for a step that failed (StepFailed): which step, and where the last good state is."""
+    """The one line for a failed step (StepFailed): which step, and where the last good state is."""
     if saved_step is not None:
-        last = f"the last finite checkpoint is where it was: {a.out / 'checkpoint'} (step {saved_step})"
+        last = (f"the last finite checkpoint is where it was: {a.out / 'checkpoint'} "
+                f"(step {saved_step})")
     elif (a.out / "checkpoint").exists():
         last = f"this run saved nothing; {a.out / 'checkpoint'} is as it was before this run"
     else:
@@ -1306,21 +1366,15 @@ def main(argv=None):
     check_data(a)
     check_out(a)
     device, rank, world = start_processes(a)
-    dtype = getattr(torch, a.dtype) if a.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    if a.global_batch % (a.micro_batch * world):
-        raise UsageError(f"--global-batch {a.global_batch} is not a multiple of --micro-batch {a.micro_batch} "
-                         f"x world size {world}")
+    default = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = getattr(torch, a.dtype) if a.dtype else default
     if a.stage == 0:
         return pretrain_base(a, device, dtype)
     run = setup(a, device, dtype, rank, world)
-
-    from tqdm import tqdm
-    bar = tqdm(total=run.total, initial=run.step, disable=rank != 0, desc=f"stage {a.stage}", dynamic_ncols=True)
-    a.out.mkdir(parents=True, exist_ok=True)  # only now: a run that cannot start leaves no folder behind
-    log = open_metrics(a.out, run.step if a.resume else None) if rank == 0 else None
-    saved_step = run.step if a.resume else None  # the last finite state in --out written by this run
     stop_at = min(run.total, run.step + a.stop_after) if a.stop_after else run.total
-    stream, truncation_noted = micro_batches(run), False
+    a.out.mkdir(parents=True, exist_ok=True)  # only now: a run that cannot start leaves no folder
+    log, stream = Log(run, stop_at), micro_batches(run)
+    saved_step = run.step if a.resume else None  # the last finite state this run wrote to --out
     try:
         run.clara.train()
         while run.step < stop_at:
@@ -1328,30 +1382,18 @@ def main(argv=None):
             micro = [make_batch(run, next(stream)) for _ in range(run.accum)]
             try:
                 s = train_step(run, micro)
-            except StepFailed as e:  # the weights may be broken: stop, and say where the last good ones are
+            except StepFailed as e:  # the weights may be broken: stop, say where the good ones are
                 raise nothing_saved(a, run.step, saved_step, str(e)) from None
             run.step += 1
-            if s.truncated > 0 and not truncation_noted:  # said once: every step of a corpus may cut some
-                print0(f"note: documents longer than doc_len={a.doc_len} tokens are cut on the right "
-                       f"({int(s.truncated)} in step {run.step}; reported once)")
-                truncation_noted = True
-            # Logging: the bar every step, a line every --log-every steps and at the last.
-            rec = step_record(run, s, time.perf_counter() - t0)
-            bar.update(1)
-            bar.set_postfix(loss=f"{rec['loss']:.4f}")
-            if log and (run.step % a.log_every == 0 or run.step == stop_at):
-                log.write(rec)
-                bar.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
-            # Saving: the checkpoint and the resume state together, every --save-every steps and at the end.
+            log.step(run, s, time.perf_counter() - t0)
+            # The checkpoint and the resume state, together: every --save-every steps, at the end.
             if (a.save_every and run.step % a.save_every == 0) or run.step == stop_at:
-                save_all(run.clara, run.opt, a, run.step, {"epoch": run.step // run.steps_per_epoch}, rank)
+                position = {"epoch": run.step // run.steps_per_epoch}
+                save_all(run.clara, run.opt, a, run.step, position, rank)
                 saved_step = run.step
-                if log:
-                    log.saved()
-    finally:  # the bar's line ends before any error message
-        bar.close()
-        if log:
-            log.close()
+                log.saved()
+    finally:
+        log.close()
     print0(f"done: {run.step} steps; checkpoint in {a.out / 'checkpoint'}")
     if world > 1:
         dist.destroy_process_group()

@@ -89,7 +89,8 @@ def child(a):
     dt = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
     print(json.dumps({"mode": a.mode, "batch": B, "rate": a.rate, "enc": list(batch.doc_ids.shape),
-                      "dec": list(batch.dec_ids.shape), "targets": batch.n_targets, "saved": saved[0],
+                      "dec": list(batch.dec_ids.shape), "targets": batch.n_targets,
+                      "saved": saved[0],
                       "peak": None if a.count_only else peak, "time": None if a.count_only else dt}))
 
 

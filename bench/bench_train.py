@@ -6,9 +6,9 @@
 Synthetic batches with the official shapes (stage 1: one document of doc_len tokens + a QA target, micro
 batch 2; stage 3: N candidates compressed without gradient + the query reasoner + top-k + the decoder).
 MFU is train.py's: `train.batch_flops` (2·P a token forward; 4·P a token through a trained pass,
-whose frozen base still passes input gradients down; the adapters' terms, causal attention and the output
-layer at the targets; no recompute), divided by the time and 989 TFLOP/s (`train.PEAK_BF16`, H100/H200
-dense bf16). The rule in full: docs/training.md#mfu.
+whose frozen base still passes input gradients down; the adapters' terms, causal attention and the
+output layer at the targets; no recompute), divided by the time and 989 TFLOP/s (`train.PEAK_BF16`,
+H100/H200 dense bf16). The rule in full: docs/training.md#mfu.
 """
 import argparse
 import sys
@@ -36,7 +36,7 @@ def fake_records(stage, n, n_cand, rng):
 
 
 def step_flops(clara: Clara, batch, stage: int) -> int:
-    """The FLOPs of one timed step: train.py's count (the method's trainable set, the answer objective)."""
+    """The FLOPs of one timed step: train.py's count (the method's trainable set, the answer)."""
     return batch_flops(clara.model.cfg, clara.cfg.lora_r, batch, stage)
 
 

@@ -750,8 +750,8 @@ def part_c(st, md, end):
     rows = st.setdefault("rows", [])
     md.append(f"{shape}, random weights, {'bf16' if CUDA else 'fp32'}, micro-batch {micro}, {cands} candidates, "
               f"{steps} timed steps after 1 warm-up, no activation checkpointing; figures of the median step. MFU = "
-              f"train.batch_flops / time / 989 TFLOP/s (train.py's and bench/bench_train.py's count, "
-              f"docs/training.md#mfu).\n")
+              f"train.batch_flops / time / 989 TFLOP/s (train.py's and bench/bench_train.py's "
+              f"count, docs/training.md#mfu).\n")
     md.append("| attention | stage | samples/s | tokens/s | MFU | median step s | all steps s | warm-up step s | peak GiB |")
     md.append("|---|---|---:|---:|---:|---:|---|---:|---:|")
     clara = None
@@ -803,7 +803,8 @@ def part_c(st, md, end):
                 per_step.sort(key=lambda x: x[0])
                 dt_m, tok_m, fl_m = per_step[len(per_step) // 2]
                 row.update(steps=len(times), step_times_s=[round(t, 3) for t in times], step_s=dt_m,
-                           samples_s=micro / dt_m, tokens_s=tok_m / dt_m, mfu=mfu(fl_m, dt_m, PEAK_BF16),
+                           samples_s=micro / dt_m, tokens_s=tok_m / dt_m,
+                           mfu=mfu(fl_m, dt_m, PEAK_BF16),
                            mean_tokens_s=toks / sum(times),
                            mean_mfu=mfu(flops, sum(times), PEAK_BF16),
                            peak_gib=torch.cuda.max_memory_allocated() / 2**30 if CUDA else None)

@@ -200,7 +200,8 @@ def test_score_candidates_is_what_retrieve_ranks_with_frozen_documents(tiny_base
     c.trainable_parameters(3)
     for p in c.model.adapter_parameters("encoder").values():
         p.requires_grad_(True)
-    c.score_candidates(batch.docs, batch.questions)[0].sum().backward()  # frozen documents: no gradient to the encoder
+    # frozen documents: no gradient to the encoder
+    c.score_candidates(batch.docs, batch.questions)[0].sum().backward()
     assert all(p.grad is None for p in c.model.adapter_parameters("encoder").values())
 
 

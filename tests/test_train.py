@@ -97,11 +97,11 @@ def test_stage2_from_stage1_and_stage3_from_stage2(stage1, tmp_path):
 
 
 def test_stage2_fresh_decoder_is_drawn_from_the_seed(stage1, tmp_path):
-    """The decoder adapter that stage 2 starts afresh is a function of --seed (torch seeds its own generator
-    at random in every process): two runs from the same checkpoint end with the same weights."""
+    """The decoder adapter that stage 2 starts afresh is a function of --seed (torch seeds its own
+    generator at random in every process): two runs from the same checkpoint end alike."""
     s1, _ = stage1
-    args = ["--init", str(s1 / "checkpoint"), "--max-steps", "1", "--top-k", "5", "--max-len", "400",
-            "--data", one_batch(tmp_path, 2)]
+    args = ["--init", str(s1 / "checkpoint"), "--max-steps", "1", "--top-k", "5",
+            "--max-len", "400", "--data", one_batch(tmp_path, 2)]
     run(tmp_path / "a", 2, *args)
     run(tmp_path / "b", 2, *args)
     a = Clara.from_pretrained(tmp_path / "a" / "checkpoint").model.adapter_parameters("decoder")
