@@ -15,6 +15,11 @@ Distributed is detected from the environment (torchrun sets WORLD_SIZE): then FS
 the root (`fully_shard`, MixedPrecisionPolicy: bf16 parameters, fp32 gradient reduction), NCCL on GPU and
 gloo on CPU. One process runs the same code without sharding.
 
+The loop, main() near the end of this file, reads top to bottom: setup() builds a Run (data,
+model, optimizer, resumed state), train_step() is one optimizer step, Log writes its step_record(),
+save_all() writes the checkpoint and the resume state. batch_flops() is the one FLOP count behind
+every MFU figure (docs/training.md#mfu).
+
 The loss of one optimizer step is normalised by the number of target tokens of the WHOLE step (all
 micro-batches of all ranks), so gradient accumulation and the world size do not change what is optimised.
 Everything the step needs is drawn from (seed, step): data order, paraphrase templates, LoRA dropout; so a
@@ -979,9 +984,8 @@ def pass_flops(cfg: ModelConfig, lora_rank: int, mask: torch.Tensor, trains: boo
       per target       forward                    2 V H      the output layer runs only there
                        backward (trains=True)     2 V H      (decoder_ce_sum), + 2 V H train_base
 
-    input_grad=False: the pass's input embeddings carry no gradient (the query reasoner, stage 2's
-    encoder), so autograd skips the input gradients of the first layer's q, k and v:
-    2 (in*out + r*in) each, per token.
+    input_grad=False: the pass's input embeddings carry no gradient (query reasoner, stage 2's
+    encoder): autograd skips the first layer's q, k, v input gradients, 2 (in*out + r*in) a token.
 
     Not counted: norms, RoPE, SwiGLU, softmax, biases, the cosine scores and the top-k (elementwise,
     or under 0.1%), and recomputation: activation checkpointing re-runs the forward, but MFU counts

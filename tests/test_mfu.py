@@ -126,10 +126,10 @@ def test_matmul_flops_equal_torchs_count_of_a_real_step(clara, stage, objective,
 
 
 def test_train_and_the_benchmarks_count_a_stage3_step_alike(tmp_path):
-    """The two formulas this replaced were 1.95x apart on a stage-3 batch (train.py counted every
-    encoder token at 4 P, bench_train.py the no-grad candidates at 2 P). Now a real train.py step
-    (setup, train_step) and bench_train.py's count of the same micro-batches agree, and both are
-    the sum of the three passes."""
+    """The two formulas this replaced disagreed on a stage-3 batch (train.py counted every encoder
+    token at 4 P, bench_train.py the no-grad candidates at 2 P: 1.95x apart at the official shapes).
+    Now a real train.py step (setup, train_step) and bench_train.py's count of the same
+    micro-batches agree, and both are the sum of the three passes."""
     a = train.parse_args(["--stage", "3", "--out", str(tmp_path), "--device", "cpu",
                           "--train-base", "0", "--global-batch", "4", "--micro-batch", "2",
                           "--doc-len", "32", "--compr-rate", "8", "--max-len", "400",
