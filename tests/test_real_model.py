@@ -120,7 +120,7 @@ def test_raw_text_reading_beats_closed_book_on_held_out_questions(tmp_path):
     clara = Clara(Transformer.from_pretrained(PATH, dtype=torch.float32), Tokenizer.from_pretrained(PATH),
                   ClaraConfig(doc_max_length=256, compr_rate=16), base_path=str(PATH)).eval()
     questions = [r["question"] for r in records]
-    text = clara.generate_from_text(questions, [r["docs"] for r in records], 32, adapter=None)
+    text = clara.generate_from_raw_text(questions, [r["docs"] for r in records], 32, adapter=None)
     closed = clara.generate_closed_book(questions, 32, adapter=None)
     def score(metric, preds):
         return 100 * sum(metric(p, r["golds"]) for p, r in zip(preds, records)) / len(records)
