@@ -116,7 +116,7 @@ def _(env):
 
 
 @case("data-lone-surrogate", "data.py check --stage 2", r'a question holding the escape "\ud800" alone',
-      r"sur.jsonl:1: a string holds the escape \\ud800, half of a UTF-16 surrogate pair")
+      r"sur.jsonl:1: not valid text \(the escape \\ud800 is half of a UTF-16 surrogate pair\)")
 def _(env):
     return check(env, "sur.jsonl", '{"question": "a\\ud800?", "docs": ["d"], "answer": "x"}\n')
 
