@@ -6,7 +6,7 @@
                    --data musique.jsonl --mode retrieval compressed --device cuda
 
 What is here, top to bottom:
-  metrics       normalize_answer, exact_match, f1_score, cover_em, recall_at_k, precision_at_k
+  metrics       normalize_answer, exact_match, f1_score, cover_em; recall_at_k, precision_at_k (topk.py's)
   reading       read_eval_file: official evaluation JSONL, every record checked, all gold aliases kept
   the modes     run_batch: one batch of questions in one mode, timed phase by phase
   reports       aggregate, the per-item JSONL, summary.json, markdown tables in the paper's layout
@@ -92,14 +92,14 @@ from collections import Counter
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
-from typing import Hashable, Iterable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from clara import LOAD_ERRORS, Clara, build_prompt, checkpoint_dir, error_line, text_prompt
 from data import DataError, json_type, loads_record, positives, question_and_docs
-from topk import topk_select
+from topk import precision_at_k, recall_at_k, topk_select
 
 # ---- metrics ----------------------------------------------------------------------------------------
 
@@ -191,42 +191,6 @@ def f1_score(prediction: str, golds: str | Sequence[str], first_only: bool = Fal
 def cover_em(prediction: str, golds: str | Sequence[str], first_only: bool = False) -> float:
     """1.0 if every token of a normalised gold answer is among the normalised prediction's tokens."""
     return _best(_cover_one, prediction, golds, first_only)
-
-
-def _retrieval_hits(retrieved: Sequence[Hashable], positives: Iterable[Hashable], k: int) -> tuple[int, set]:
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"eval.py: k must be an int >= 1, got {k!r}")
-    # Tensors and arrays of ids arrive here too; .tolist() turns them into hashable Python ints.
-    retrieved = retrieved.tolist() if hasattr(retrieved, "tolist") else list(retrieved)
-    positives = set(positives.tolist() if hasattr(positives, "tolist") else positives)
-    # A document retrieved twice within the top k counts once.
-    return len(set(retrieved[:k]) & positives), positives
-
-
-def recall_at_k(retrieved: Sequence[Hashable], positives: Iterable[Hashable], k: int) -> float:
-    """|set(retrieved[:k]) ∩ positives| / |positives|; retrieved is ranked best first.
-
-    Raises on an empty positive set (recall is undefined): the caller decides whether such questions are
-    skipped or counted, and says so.
-    """
-    hits, positives = _retrieval_hits(retrieved, positives, k)
-    if not positives:
-        raise ValueError("eval.py recall_at_k: positives is empty, so recall is undefined; "
-                         "skip questions without a positive document")
-    return hits / len(positives)
-
-
-def precision_at_k(retrieved: Sequence[Hashable], positives: Iterable[Hashable], k: int) -> float:
-    """hits / k with hits = |set(retrieved[:k]) ∩ positives|.
-
-    The denominator is k even when fewer than k documents were retrieved (a missing slot is a miss).
-    Raises on an empty positive set, like recall_at_k, so that both are averaged over the same questions.
-    """
-    hits, positives = _retrieval_hits(retrieved, positives, k)
-    if not positives:
-        raise ValueError("eval.py precision_at_k: positives is empty; "
-                         "skip questions without a positive document")
-    return hits / k
 
 
 # ---- reading the evaluation files ---------------------------------------------------------------------

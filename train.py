@@ -52,6 +52,7 @@ import torch.distributed as dist
 from clara import PROMPT_TEXTS, Clara, ClaraConfig, checkpoint_dir, complete_dir, replace_dir, text_prompt
 from data import DataError, JsonlDataset, Tokenizer, batches, left_pad, train_tokenizer, validate_record
 from model import LoRAConfig, ModelConfig, PRESETS, Transformer
+from topk import recall_at_k
 
 ROOT = Path(__file__).resolve().parent
 
@@ -1090,7 +1091,7 @@ def main(argv=None):
                 if a.stage == 3:
                     for row, pos in zip(out["topk"].tolist(), m["pos_index"]):
                         if pos:
-                            hits += len(set(row) & set(pos)) / len(pos)
+                            hits += recall_at_k(row, pos, len(row))  # row: the top-k, best first
                             n_pos += 1
             stats = torch.tensor([ce_total, mse_total, hits, n_pos, truncated, tokens], device=device, dtype=torch.float64)
             if distributed:
