@@ -39,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import MISTRAL, ChatFormat, Prompt, Tokenizer, left_pad
-from model import LoRAConfig, ModelConfig, Transformer, generate
+from model import HF_PROJ, LoRAConfig, ModelConfig, Transformer, generate
 from topk import topk_select
 
 # ----------------------------------------------------------------------------------------------------
@@ -891,9 +891,7 @@ def _assign_state(clara: Clara, sd: dict, where, adapters, required=()):
 
 # The official released folders (docs/method.md#checkpoints).
 OFFICIAL_ADAPTERS = {"encoder_adapter": "encoder", "decoder_adapter": "decoder", "query_reasoner_adapter": "query"}
-OFFICIAL_PROJ = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
-                 "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
-                 "mlp.gate_proj": "mlp.gate", "mlp.up_proj": "mlp.up", "mlp.down_proj": "mlp.down"}
+OFFICIAL_PROJ = {hf: ours for ours, hf in HF_PROJ.items()}  # the official (HF) module name -> ours
 OFFICIAL_STAGE = {"stage1": 1, "stage1_2": 2, "stage2": 3}
 
 
