@@ -441,3 +441,18 @@ def test_the_table_in_docs_lists_every_case():
     text = DOC.read_text() if DOC.exists() else ""
     missing = [c[0] for c in CASES if f"`{c[0]}`" not in text]
     assert not missing, f"{DOC} lacks {missing}: regenerate it with CLARA_WRITE_TABLE=1 (see this file's docstring)"
+
+
+def test_one_error_line_and_one_load_error_tuple():
+    """clara.error_line is what every command prints for an error (train.py and eval.py import it), and
+    clara.LOAD_ERRORS / SAVE_ERRORS are the one pair of tuples they catch."""
+    import clara
+    from safetensors import SafetensorError
+    assert train.error_line is clara_eval.error_line is clara.error_line
+    assert train.LOAD_ERRORS is clara_eval.LOAD_ERRORS is clara.LOAD_ERRORS and train.SAVE_ERRORS is clara.SAVE_ERRORS
+    assert SafetensorError in clara.LOAD_ERRORS and SafetensorError in clara.SAVE_ERRORS
+    line = clara.error_line
+    assert line(KeyError("f.safetensors: no tensor 'x'")) == "f.safetensors: no tensor 'x'"  # no repr quotes
+    assert line(RuntimeError("bad  zip:\tcut\nException raised from C++ at x.cpp:1\nframe #0: ...")) == "bad zip: cut"
+    assert line(ValueError("")) == "ValueError" and line(KeyError()) == "KeyError"
+    assert line(OSError(28, "No space left on device")) == "[Errno 28] No space left on device"
