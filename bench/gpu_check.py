@@ -742,7 +742,7 @@ def part_c(st, md, end):
     """bench/bench_train.py's loop, in process, for each attention backend (stage 1, then stage 3)."""
     import random
     sys.path.insert(0, os.path.join(ROOT, "bench"))
-    from bench_train import fake_records
+    from bench_train import fake_records, timed_step
     from clara import Clara, ClaraConfig
     model, tok, P_, shape = seven_b()
     steps = 4 if CUDA else 1
@@ -776,27 +776,13 @@ def part_c(st, md, end):
                     torch.cuda.reset_peak_memory_stats()
                 times, toks, gtoks, ngtoks, per_step = [], 0, 0, 0, []
                 for step in range(steps + 1):
-                    batch = clara.collate(fake_records(stage, micro, cands, rng), stage)
-                    sync()
-                    t = time.perf_counter()
-                    out = clara.loss(batch, stage)
-                    clara.total_loss(out).backward()
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                    sync()
-                    dt = time.perf_counter() - t
+                    dt, (n, grad, nograd) = timed_step(clara, opt, stage, fake_records(stage, micro, cands, rng), sync)
                     if step == 0:
                         row["warmup_step_s"] = round(dt, 2)
                         continue
                     times.append(dt)
-                    enc = int(batch["enc_mask"].sum())
-                    dec = int(batch["dec"]["mask"].sum())
-                    qn = int(batch["q_mask"].sum()) if stage == 3 else 0
-                    toks += enc + dec + qn
-                    gtoks += dec + qn + (enc if stage == 1 else 0)
-                    ngtoks += enc if stage == 3 else 0
-                    per_step.append((dt, enc + dec + qn, (4 * P_ * (dec + qn + (enc if stage == 1 else 0))
-                                                         + 2 * P_ * (enc if stage == 3 else 0))))
+                    toks, gtoks, ngtoks = toks + n, gtoks + grad, ngtoks + nograd
+                    per_step.append((dt, n, 4 * P_ * grad + 2 * P_ * nograd))
                     if time.time() > end - 5:
                         break
                 # median step: a timed step can still meet a new Triton specialisation (T % 16) and compile
@@ -807,7 +793,7 @@ def part_c(st, md, end):
                            mean_tokens_s=toks / sum(times),
                            mean_mfu=(4 * P_ * gtoks + 2 * P_ * ngtoks) / sum(times) / PEAK_BF16,
                            peak_gib=torch.cuda.max_memory_allocated() / 2**30 if CUDA else None)
-                del opt, out, batch
+                del opt
             rows.append(row)
             log(json.dumps(row))
             if "error" in row:
