@@ -842,11 +842,7 @@ def _load_native(cls, path, base_model, dtype, device, compr_rate, training_stag
                   "on (pass base_model=the original)")
     tok = Tokenizer.from_pretrained(path)
     tok.token_id("<MEM0>")  # a checkpoint's tokenizer must carry CLaRa's tokens (clear KeyError otherwise)
-    try:
-        model = Transformer.from_pretrained(base, dtype=dtype, device=device)
-    except SafetensorError as e:
-        raise ValueError(f"{base}: a weight file cannot be read ({error_line(e)})") from None
-    clara = cls(model, tok, cfg, base_path=str(base))
+    clara = cls(_base_model(base, dtype, device), tok, cfg, base_path=str(base))
     clara.base_carried = base == path / "base"
     clara.base_sha256 = base_sha if isinstance(base_sha, dict) else None
     for a in meta["adapters"]:
@@ -912,6 +908,14 @@ def official_key(key: str, adapter: str) -> str | None:
     return f"layers.{layer}.{OFFICIAL_PROJ[proj]}.{ab}.{adapter}"
 
 
+def _base_model(base: Path, dtype, device) -> Transformer:
+    """The base decoder a checkpoint names; a damaged weight file is a ValueError naming the folder."""
+    try:
+        return Transformer.from_pretrained(base, dtype=dtype, device=device)
+    except SafetensorError as e:
+        raise ValueError(f"{base}: a weight file cannot be read ({error_line(e)})") from None
+
+
 def _torch_file(file: Path):
     """An official .pth file: tensors and plain containers only (weights_only=True never runs pickled
     code); any unreadable file is one clear error naming it."""
@@ -967,11 +971,7 @@ def _load_official(cls, path, base_model, dtype, device, compr_rate):
         if not isinstance(first_last.get(key), torch.Tensor):
             raise KeyError(f"{path / 'decoder_first_last_layers.pth'}: no tensor {key!r}")
     tok = Tokenizer.from_pretrained(path if (path / "tokenizer.json").exists() else base)
-    try:
-        model = Transformer.from_pretrained(base, dtype=dtype, device=device)
-    except SafetensorError as e:
-        raise ValueError(f"{base}: a weight file cannot be read ({error_line(e)})") from None
-    clara = cls(model, tok, cfg, base_path=str(base))
+    clara = cls(_base_model(base, dtype, device), tok, cfg, base_path=str(base))
     sd = {}
     for off_name, tensors in adapters.items():
         name = OFFICIAL_ADAPTERS.get(off_name)

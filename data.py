@@ -432,20 +432,21 @@ def _str_list(obj: dict, key: str, where: str, what: str) -> list[str]:
     if not isinstance(value, list):
         raise DataError(where, f"field '{key}': expected a list of {what}s", f", found {json_type(value)}")
     for i, x in enumerate(value):
-        if not isinstance(x, str):
-            raise DataError(where, f"field '{key}[{i}]': expected a {what} string", f", found {json_type(x)}")
-        if not x.strip():
-            raise DataError(where, f"field '{key}[{i}]': empty {what}", " (the string is empty or only whitespace)")
+        _text(x, f"{key}[{i}]", where, what)
+    return value
+
+
+def _text(value, field: str, where: str, what: str) -> str:
+    """value as a non-empty string; `field` names it in the message ("answer", "docs[2]")."""
+    if not isinstance(value, str):
+        raise DataError(where, f"field '{field}': expected a {what} string", f", found {json_type(value)}")
+    if not value.strip():
+        raise DataError(where, f"field '{field}': empty {what}", " (the string is empty or only whitespace)")
     return value
 
 
 def _nonempty_str(obj: dict, key: str, where: str, what: str) -> str:
-    value = obj[key]
-    if not isinstance(value, str):
-        raise DataError(where, f"field '{key}': expected a {what} string", f", found {json_type(value)}")
-    if not value.strip():
-        raise DataError(where, f"field '{key}': empty {what}", " (the string is empty or only whitespace)")
-    return value
+    return _text(obj[key], key, where, what)
 
 
 def _object(obj, where: str) -> dict:

@@ -204,12 +204,17 @@ def topk_select(scores: torch.Tensor, k: int, tau: float, estimator: str = "stra
 
 # ---- retrieval metrics of a selection (training logs them, eval.py reports them) ----------------------
 
-def _retrieval_hits(retrieved: Sequence[Hashable], positives: Iterable[Hashable], k: int) -> tuple[int, set]:
+def _retrieval_hits(retrieved: Sequence[Hashable], positives: Iterable[Hashable], k: int,
+                    metric: str) -> tuple[int, set]:
+    """(|set(retrieved[:k]) ∩ positives|, the positives as a set); an empty positive set is an error."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"topk.py: k must be an int >= 1, got {k!r}")
     # Tensors and arrays of ids arrive here too; .tolist() turns them into hashable Python ints.
     retrieved = retrieved.tolist() if hasattr(retrieved, "tolist") else list(retrieved)
     positives = set(positives.tolist() if hasattr(positives, "tolist") else positives)
+    if not positives:
+        raise ValueError(f"topk.py {metric}: positives is empty, so {metric} is undefined; "
+                         "skip questions without a positive document")
     # A document retrieved twice within the top k counts once.
     return len(set(retrieved[:k]) & positives), positives
 
@@ -220,10 +225,7 @@ def recall_at_k(retrieved: Sequence[Hashable], positives: Iterable[Hashable], k:
     Raises on an empty positive set (recall is undefined): the caller decides whether such questions are
     skipped or counted, and says so.
     """
-    hits, positives = _retrieval_hits(retrieved, positives, k)
-    if not positives:
-        raise ValueError("topk.py recall_at_k: positives is empty, so recall is undefined; "
-                         "skip questions without a positive document")
+    hits, positives = _retrieval_hits(retrieved, positives, k, "recall_at_k")
     return hits / len(positives)
 
 
@@ -233,8 +235,5 @@ def precision_at_k(retrieved: Sequence[Hashable], positives: Iterable[Hashable],
     The denominator is k even when fewer than k documents were retrieved (a missing slot is a miss).
     Raises on an empty positive set, like recall_at_k, so that both are averaged over the same questions.
     """
-    hits, positives = _retrieval_hits(retrieved, positives, k)
-    if not positives:
-        raise ValueError("topk.py precision_at_k: positives is empty; "
-                         "skip questions without a positive document")
+    hits, _ = _retrieval_hits(retrieved, positives, k, "precision_at_k")
     return hits / k

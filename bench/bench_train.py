@@ -34,6 +34,14 @@ def fake_records(stage, n, n_cand, rng):
             for _ in range(n)]
 
 
+def bench_optimizer(clara, stage, device):
+    """The benchmarked run's trainable parameters (those of `stage`) on `device`, their AdamW, training mode."""
+    params = clara.trainable_parameters(stage)
+    clara.to(device)
+    clara.train()
+    return torch.optim.AdamW(params.values(), lr=1e-5)
+
+
 def timed_step(clara, opt, stage, records, sync=lambda: None):
     """One optimizer step of `stage` on `records` (the benchmarked loop; bench/gpu_check.py part c runs it
     too) -> (seconds of loss + backward + update, tokens: (all, with a gradient, compressed without one)).
@@ -86,10 +94,7 @@ def main():
         else:  # the same model continues into stage 3 with a query reasoner
             clara.cfg = ccfg
             clara.model.copy_adapter("encoder", "query")
-        params = clara.trainable_parameters(stage)
-        clara.to(device)
-        opt = torch.optim.AdamW(params.values(), lr=1e-5)
-        clara.train()
+        opt = bench_optimizer(clara, stage, device)
         times, toks, grad_toks, nograd_toks = [], 0, 0, 0
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         for step in range(a.steps + 1):

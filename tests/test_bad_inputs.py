@@ -76,9 +76,18 @@ def run_eval(argv):
     return 0, "\n".join(x for x in err.getvalue().splitlines() if x.startswith("note:"))
 
 
+def resume_args(env):
+    """What train.save_all / load_resume read of a run's arguments: a stage-1 run writing into the test's folder."""
+    return SimpleNamespace(out=env.tmp, stage=1, defaults="official", run_record={})
+
+
+def save_resume(env, clara, opt):
+    train.save_all(clara, opt, resume_args(env), 1, {"epoch": 0}, 0)
+
+
 def run_resume(env, clara, opt):
     try:
-        train.load_resume(clara, opt, SimpleNamespace(out=env.tmp, stage=1, defaults="official", run_record={}))
+        train.load_resume(clara, opt, resume_args(env))
     except SystemExit as e:
         return 1, str(e.code)
     return 0, ""
@@ -365,7 +374,7 @@ def _(env):
       r"--resume: .*state.safetensors: missing or altered since it was saved")
 def _(env):
     def prepare(c, o):
-        train.save_all(c, o, SimpleNamespace(out=env.tmp, stage=1, defaults="official", run_record={}), 1, {"epoch": 0}, 0)
+        save_resume(env, c, o)
         f = env.tmp / "resume" / "state.safetensors"
         f.write_bytes(f.read_bytes()[:-4] + b"\0\0\0\1")
     return resume_case(env, prepare)
@@ -374,9 +383,7 @@ def _(env):
 @case("resume-other-params", "train.py --resume", "saved by a run with other trainable parameters",
       r"--resume: .*state.safetensors holds the state of other trainable parameters")
 def _(env):
-    def prepare(c, o):
-        train.save_all(c, o, SimpleNamespace(out=env.tmp, stage=1, defaults="official", run_record={}), 1, {"epoch": 0}, 0)
-    return resume_case(env, prepare, trainable_base=True)
+    return resume_case(env, lambda c, o: save_resume(env, c, o), trainable_base=True)
 
 
 # ---- the test and the table -------------------------------------------------------------------------------
