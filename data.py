@@ -5,7 +5,9 @@ Two sections, top to bottom:
     Prompt, ChatFormat, Tokenizer, left_pad      the model's conventions and chat format, text that stays text,
     train_tokenizer                              padding, a tiny BPE
     validate_record, JsonlDataset, batches       the official JSONL formats (docs/method.md#data-formats), checked
-                                                 record by record and streamed in a resumable, sharded order
+                                                 record by record and streamed in a resumable, sharded order;
+    loads_record, question_and_docs, positives   the one reader of a line and of the shared fields, which
+                                                 eval.py's evaluation files go through as well
 
 Command line: `python data.py check --stage S FILE...` validates files. The CPU lab's synthetic corpus
 generator (and the shipped sample data/sample, which it writes) is lab/synth.py, not part of the method.
