@@ -38,8 +38,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from safetensors import SafetensorError
+
 from data import MISTRAL, ChatFormat, Prompt, Tokenizer, left_pad
-from model import LoRAConfig, ModelConfig, Transformer, generate
+from model import HF_PROJ, LoRAConfig, ModelConfig, Transformer, generate
 from topk import topk_select
 
 # ----------------------------------------------------------------------------------------------------
@@ -612,7 +614,6 @@ class Clara(nn.Module):
         into `base/`; an external base (an HF directory) is named by absolute path and pinned by the sha256
         of its weight files. `files_sha256` pins every file of the folder itself; loading checks both.
         """
-        from safetensors import SafetensorError
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
         state = state if state is not None else self.state_to_save()
@@ -621,7 +622,7 @@ class Clara(nn.Module):
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
             self._write_checkpoint(tmp, path, extra, state)
-        except (OSError, SafetensorError) as e:  # a full disk, a read-only folder: the last checkpoint stays
+        except SAVE_ERRORS as e:  # a full disk, a read-only folder: the last checkpoint stays
             shutil.rmtree(tmp, ignore_errors=True)
             raise OSError(f"{path}: cannot save the checkpoint ({error_line(e)}); the previous one, if any, is "
                           "untouched") from None
@@ -682,9 +683,12 @@ class Clara(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 # Checkpoint integrity: content hashes, readable errors, the crash-safe directory swap
 
-# Everything Clara.from_pretrained raises for a bad or foreign folder is one of these, with a one-line message
-# that starts with the file it is about (a KeyError's str() adds quotes: print e.args[0]).
-LOAD_ERRORS = (OSError, ValueError, KeyError)
+# Everything a bad or foreign folder raises while loading (Clara.from_pretrained, and Transformer /
+# Tokenizer.from_pretrained that train.py calls on a base directly) is one of these, with a message that
+# starts with the file it is about: our loaders' deliberate ValueError, KeyError and FileNotFoundError, the
+# OS's, safetensors' for a damaged file. A command line prints error_line(e). SAVE_ERRORS: writing.
+LOAD_ERRORS = (OSError, ValueError, KeyError, SafetensorError)
+SAVE_ERRORS = (OSError, SafetensorError)
 _HASHES: dict = {}  # (path, size, mtime) -> sha256 of large files: a 14 GB base is hashed once per process
 
 
@@ -735,10 +739,11 @@ def _read_json(file: Path) -> dict:
 
 
 def error_line(e: BaseException) -> str:
-    """The first line of an exception's message (library errors can span lines), without the quotes a
-    KeyError adds: what a command line prints for one of LOAD_ERRORS."""
+    """An exception's message as the one line a command line prints: its first line (library errors can
+    span lines, torch's with a C++ backtrace), whitespace collapsed, without the quotes a KeyError adds;
+    the exception's type name if the message is empty."""
     text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-    return (text.strip().splitlines() or [type(e).__name__])[0]
+    return " ".join((text.strip().splitlines() or [""])[0].split()) or type(e).__name__
 
 
 def _check_hashes(where: Path, recorded, what: str, hint: str):
@@ -798,7 +803,6 @@ def _check_rate(cfg: ClaraConfig, compr_rate, path):
 
 
 def _load_native(cls, path, base_model, dtype, device, compr_rate, training_stage):
-    from safetensors import SafetensorError
     from safetensors.torch import load_file
     conf = path / "clara_config.json"
     meta = _read_json(conf)
@@ -838,11 +842,7 @@ def _load_native(cls, path, base_model, dtype, device, compr_rate, training_stag
                   "on (pass base_model=the original)")
     tok = Tokenizer.from_pretrained(path)
     tok.token_id("<MEM0>")  # a checkpoint's tokenizer must carry CLaRa's tokens (clear KeyError otherwise)
-    try:
-        model = Transformer.from_pretrained(base, dtype=dtype, device=device)
-    except SafetensorError as e:
-        raise ValueError(f"{base}: a weight file cannot be read ({error_line(e)})") from None
-    clara = cls(model, tok, cfg, base_path=str(base))
+    clara = cls(_base_model(base, dtype, device), tok, cfg, base_path=str(base))
     clara.base_carried = base == path / "base"
     clara.base_sha256 = base_sha if isinstance(base_sha, dict) else None
     for a in meta["adapters"]:
@@ -891,9 +891,7 @@ def _assign_state(clara: Clara, sd: dict, where, adapters, required=()):
 
 # The official released folders (docs/method.md#checkpoints).
 OFFICIAL_ADAPTERS = {"encoder_adapter": "encoder", "decoder_adapter": "decoder", "query_reasoner_adapter": "query"}
-OFFICIAL_PROJ = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
-                 "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
-                 "mlp.gate_proj": "mlp.gate", "mlp.up_proj": "mlp.up", "mlp.down_proj": "mlp.down"}
+OFFICIAL_PROJ = {hf: ours for ours, hf in HF_PROJ.items()}  # the official (HF) module name -> ours
 OFFICIAL_STAGE = {"stage1": 1, "stage1_2": 2, "stage2": 3}
 
 
@@ -908,6 +906,14 @@ def official_key(key: str, adapter: str) -> str | None:
     if proj not in OFFICIAL_PROJ or ab not in ("lora_A", "lora_B"):
         return None
     return f"layers.{layer}.{OFFICIAL_PROJ[proj]}.{ab}.{adapter}"
+
+
+def _base_model(base: Path, dtype, device) -> Transformer:
+    """The base decoder a checkpoint names; a damaged weight file is a ValueError naming the folder."""
+    try:
+        return Transformer.from_pretrained(base, dtype=dtype, device=device)
+    except SafetensorError as e:
+        raise ValueError(f"{base}: a weight file cannot be read ({error_line(e)})") from None
 
 
 def _torch_file(file: Path):
@@ -965,12 +971,7 @@ def _load_official(cls, path, base_model, dtype, device, compr_rate):
         if not isinstance(first_last.get(key), torch.Tensor):
             raise KeyError(f"{path / 'decoder_first_last_layers.pth'}: no tensor {key!r}")
     tok = Tokenizer.from_pretrained(path if (path / "tokenizer.json").exists() else base)
-    from safetensors import SafetensorError
-    try:
-        model = Transformer.from_pretrained(base, dtype=dtype, device=device)
-    except SafetensorError as e:
-        raise ValueError(f"{base}: a weight file cannot be read ({error_line(e)})") from None
-    clara = cls(model, tok, cfg, base_path=str(base))
+    clara = cls(_base_model(base, dtype, device), tok, cfg, base_path=str(base))
     sd = {}
     for off_name, tensors in adapters.items():
         name = OFFICIAL_ADAPTERS.get(off_name)

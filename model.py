@@ -430,26 +430,24 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x), adapter)
 
 
-# Our parameter name -> HF checkpoint key ("{}" is the layer index).
+# The linear layers (each a LoRALinear: the ones that carry adapters): our module name -> HF's. The source
+# of their HF_KEYS rows below and of the official adapter keys (clara.OFFICIAL_PROJ).
+HF_PROJ = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
+           "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
+           "mlp.gate": "mlp.gate_proj", "mlp.up": "mlp.up_proj", "mlp.down": "mlp.down_proj"}
+
+# Our parameter name -> HF checkpoint key ("{}" is the layer index). Attention biases: q/k/v in Qwen2 (and
+# with attention_bias), o only with attention_bias.
 HF_KEYS = {
     "tok_embeddings.weight": "model.embed_tokens.weight",
     "norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
     "layers.{}.attention_norm.weight": "model.layers.{}.input_layernorm.weight",
     "layers.{}.mlp_norm.weight": "model.layers.{}.post_attention_layernorm.weight",
-    "layers.{}.attention.wq.weight": "model.layers.{}.self_attn.q_proj.weight",
-    "layers.{}.attention.wk.weight": "model.layers.{}.self_attn.k_proj.weight",
-    "layers.{}.attention.wv.weight": "model.layers.{}.self_attn.v_proj.weight",
-    "layers.{}.attention.wo.weight": "model.layers.{}.self_attn.o_proj.weight",
-    "layers.{}.attention.wq.bias": "model.layers.{}.self_attn.q_proj.bias",  # Qwen2 (and attention_bias)
-    "layers.{}.attention.wk.bias": "model.layers.{}.self_attn.k_proj.bias",
-    "layers.{}.attention.wv.bias": "model.layers.{}.self_attn.v_proj.bias",
-    "layers.{}.attention.wo.bias": "model.layers.{}.self_attn.o_proj.bias",  # attention_bias only
     "layers.{}.attention.q_norm.weight": "model.layers.{}.self_attn.q_norm.weight",  # Qwen3
     "layers.{}.attention.k_norm.weight": "model.layers.{}.self_attn.k_norm.weight",
-    "layers.{}.mlp.gate.weight": "model.layers.{}.mlp.gate_proj.weight",
-    "layers.{}.mlp.up.weight": "model.layers.{}.mlp.up_proj.weight",
-    "layers.{}.mlp.down.weight": "model.layers.{}.mlp.down_proj.weight",
+    **{f"layers.{{}}.{ours}.{p}": f"model.layers.{{}}.{hf}.{p}" for ours, hf in HF_PROJ.items()
+       for p in (("weight", "bias") if ours.startswith("attention.") else ("weight",))},
 }
 
 

@@ -49,9 +49,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from clara import PROMPT_TEXTS, Clara, ClaraConfig, checkpoint_dir, complete_dir, replace_dir, text_prompt
+from clara import (LOAD_ERRORS, PROMPT_TEXTS, SAVE_ERRORS, Clara, ClaraConfig, checkpoint_dir, complete_dir,
+                   error_line, replace_dir, text_prompt)
 from data import DataError, JsonlDataset, Tokenizer, batches, left_pad, train_tokenizer, validate_record
 from model import LoRAConfig, ModelConfig, PRESETS, Transformer
+from topk import recall_at_k
 
 ROOT = Path(__file__).resolve().parent
 
@@ -400,7 +402,7 @@ def build_clara(a, dataset, device, dtype, rank) -> Clara:
                                           training_stage=a.stage, compr_rate=a.compr_rate)
         except LOAD_ERRORS as e:
             hint = " (train.py: --base-model DIR)" if "base_model=DIR" in str(e) else ""
-            raise UsageError(f"--init {a.init}: cannot load the checkpoint: {one_line(e)}{hint}") from None
+            raise UsageError(f"--init {a.init}: cannot load the checkpoint: {error_line(e)}{hint}") from None
         trained = clara.cfg
         for k in ("generation_top_k", "tau", "topk_estimator", "mse_weight", "max_len"):
             setattr(trained, k, getattr(cfg, k))
@@ -433,7 +435,7 @@ def build_clara(a, dataset, device, dtype, rank) -> Clara:
         model = Transformer.from_pretrained(base, dtype=dtype, device=device)
         tok = Tokenizer.from_pretrained(base, chat_format=a.chat_format)
     except LOAD_ERRORS as e:
-        raise UsageError(f"--model {a.model}: cannot load the base model: {one_line(e)}") from None
+        raise UsageError(f"--model {a.model}: cannot load the base model: {error_line(e)}") from None
     return Clara(model, tok, cfg, base_path=str(base))
 
 
@@ -450,11 +452,6 @@ def set_lora(clara: Clara, a):
         for m in clara.model.lora_layers():
             m.lora[name] = new
     clara.cfg.lora_r, clara.cfg.lora_alpha, clara.cfg.lora_dropout = a.lora_r, a.lora_alpha, a.lora_dropout
-
-
-def one_line(e: BaseException) -> str:
-    text = e.args[0] if isinstance(e, KeyError) and len(e.args) == 1 else e  # no repr quotes around a KeyError
-    return " ".join(str(text).split()) or type(e).__name__
 
 
 def preset_tokenizer(texts: list[str], vocab_size: int, split_punctuation: bool = False):
@@ -590,7 +587,7 @@ def save_all(clara, opt, a, step, position, rank):
         if rank == 0:
             for t in (a.out / "checkpoint.tmp", tmp, a.out / "run.json.tmp"):
                 shutil.rmtree(t, ignore_errors=True) if t.is_dir() else t.unlink(missing_ok=True)
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else one_line(e)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else error_line(e)
         raise UsageError(f"step {step}: saving to {a.out} failed: {reason}; what was saved before this step is "
                          f"intact (free some space, then continue with --resume)") from None
     dist.barrier()
@@ -927,7 +924,7 @@ def pretrain_base(a, device, dtype):
         write_json(a.out / "run.json", a.run_record)
     except SAVE_ERRORS as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else one_line(e)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else error_line(e)
         raise UsageError(f"saving {a.out / 'base'} failed: {reason}; the previous one (if any) is intact") from None
     log.saved()
     log.close()
@@ -1066,7 +1063,7 @@ def main(argv=None):
                 try:
                     micro.append(clara.collate(records, a.stage, seed=a.seed))
                 except ValueError as e:  # e.g. records of one batch with different numbers of documents
-                    raise UsageError(f"{records[0].get('_where', 'a batch')}: {one_line(e)}") from None
+                    raise UsageError(f"{records[0].get('_where', 'a batch')}: {error_line(e)}") from None
                 check_batch(micro[-1], records, clara, a)
             # The step's loss is normalised by ALL its target tokens: count them first, across ranks.
             n_tokens = torch.tensor(float(sum(len(m["pos_index"]) if a.retrieval_warmup else
@@ -1090,7 +1087,7 @@ def main(argv=None):
                 if a.stage == 3:
                     for row, pos in zip(out["topk"].tolist(), m["pos_index"]):
                         if pos:
-                            hits += len(set(row) & set(pos)) / len(pos)
+                            hits += recall_at_k(row, pos, len(row))  # row: the top-k, best first
                             n_pos += 1
             stats = torch.tensor([ce_total, mse_total, hits, n_pos, truncated, tokens], device=device, dtype=torch.float64)
             if distributed:
@@ -1108,7 +1105,7 @@ def main(argv=None):
             except RuntimeError as e:  # AdamW's step size lr / (1 - beta1^t) past the float range (a huge --lr)
                 if "overflow" not in str(e):
                     raise
-                raise nothing_saved(f"the optimizer step overflowed ({one_line(e)})") from None
+                raise nothing_saved(f"the optimizer step overflowed ({error_line(e)})") from None
             opt.zero_grad(set_to_none=True)
             # A finite loss and gradient can still step to inf/nan weights (a huge --lr): never save those.
             if not params_finite(trainable, distributed):
@@ -1149,13 +1146,6 @@ def main(argv=None):
         dist.destroy_process_group()
 
 
-# Errors that a broken --model / --init folder raises while loading (our loaders' deliberate ValueError,
-# KeyError and FileNotFoundError, the OS's, safetensors' for a damaged file); SAVE_ERRORS: writing.
-from safetensors import SafetensorError  # noqa: E402  (one of the runtime packages; here next to its use)
-LOAD_ERRORS = (OSError, ValueError, KeyError, SafetensorError)
-SAVE_ERRORS = (OSError, SafetensorError)
-
-
 def cli(argv=None) -> int:
     """The command line: an expected error is one line on stderr and exit 2, never a traceback."""
     try:
@@ -1164,10 +1154,10 @@ def cli(argv=None) -> int:
         print(f"train.py: error: {e.message}", file=sys.stderr)
         return 2
     except DataError as e:  # a bad record found while training: its file, line and field
-        print(f"train.py: error: bad training data: {one_line(e)}", file=sys.stderr)
+        print(f"train.py: error: bad training data: {error_line(e)}", file=sys.stderr)
         return 2
     except OSError as e:  # the environment (permissions, a vanished file, a full disk outside a save)
-        print(f"train.py: error: {one_line(e)}", file=sys.stderr)
+        print(f"train.py: error: {error_line(e)}", file=sys.stderr)
         return 2
     return 0
 

@@ -34,6 +34,32 @@ def fake_records(stage, n, n_cand, rng):
             for _ in range(n)]
 
 
+def bench_optimizer(clara, stage, device):
+    """The benchmarked run's trainable parameters (those of `stage`) on `device`, their AdamW, training mode."""
+    params = clara.trainable_parameters(stage)
+    clara.to(device)
+    clara.train()
+    return torch.optim.AdamW(params.values(), lr=1e-5)
+
+
+def timed_step(clara, opt, stage, records, sync=lambda: None):
+    """One optimizer step of `stage` on `records` (the benchmarked loop; bench/gpu_check.py part c runs it
+    too) -> (seconds of loss + backward + update, tokens: (all, with a gradient, compressed without one)).
+    `sync` waits for the device before each clock reading (CUDA calls return before the work is done)."""
+    batch = clara.collate(records, stage)
+    sync()
+    t = time.perf_counter()
+    clara.total_loss(clara.loss(batch, stage)).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    sync()
+    dt = time.perf_counter() - t
+    enc, dec = int(batch["enc_mask"].sum()), int(batch["dec"]["mask"].sum())
+    q = int(batch["q_mask"].sum()) if stage == 3 else 0
+    # stage 1 trains the encoder (its documents get gradients); stage 3 compresses its candidates without one
+    return dt, (enc + dec + q, dec + q + (enc if stage == 1 else 0), enc if stage == 3 else 0)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shape", default="tiny", choices=("tiny", "mistral-7b"))
@@ -68,31 +94,16 @@ def main():
         else:  # the same model continues into stage 3 with a query reasoner
             clara.cfg = ccfg
             clara.model.copy_adapter("encoder", "query")
-        params = clara.trainable_parameters(stage)
-        clara.to(device)
-        opt = torch.optim.AdamW(params.values(), lr=1e-5)
-        clara.train()
+        opt = bench_optimizer(clara, stage, device)
         times, toks, grad_toks, nograd_toks = [], 0, 0, 0
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         for step in range(a.steps + 1):
-            batch = clara.collate(fake_records(stage, a.micro_batch, a.candidates, rng), stage)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            out = clara.loss(batch, stage)
-            clara.total_loss(out).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            records = fake_records(stage, a.micro_batch, a.candidates, rng)
+            dt, (n, grad, nograd) = timed_step(clara, opt, stage, records, sync)
             if step == 0:
                 continue  # warm-up
-            times.append(time.perf_counter() - t)
-            enc = int(batch["enc_mask"].sum())
-            dec = int(batch["dec"]["mask"].sum())
-            q = int(batch["q_mask"].sum()) if stage == 3 else 0
-            toks += enc + dec + q
-            grad_toks += dec + q + (enc if stage == 1 else 0)
-            nograd_toks += enc if stage == 3 else 0
+            times.append(dt)
+            toks, grad_toks, nograd_toks = toks + n, grad_toks + grad, nograd_toks + nograd
         dt = sum(times)
         flops = (4 + 2 * a.activation_checkpointing) * P * grad_toks + 2 * P * nograd_toks
         mfu = f"{flops / dt / 989e12:.1%}" if device.type == "cuda" else "n/a (CPU)"

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 import train
 from clara import Clara, ClaraConfig
+from conftest import adamw_steps
 from data import Tokenizer
 from model import Transformer
 
@@ -217,12 +218,8 @@ def test_flipped_bytes_and_other_tokenizers_are_errors(tiny_base, tmp_path):
 
 def trainer(base, tmp_path, seed=0):
     c = make(base, stage=1, seed=seed)
-    params = c.trainable_parameters(1)
-    opt = torch.optim.AdamW(list(params.values()), lr=1e-3)
-    c.train()
-    c.total_loss(c.loss(c.collate([{"data_type": "paraphrase", "question": [], "answers": ["Paris it is."],
-                                     "docs": ["Paris is the capital of France."]}], stage=1), 1)).backward()
-    opt.step()
+    _, opt = adamw_steps(c, c.collate([{"data_type": "paraphrase", "question": [], "answers": ["Paris it is."],
+                                        "docs": ["Paris is the capital of France."]}], stage=1), 1, lr=1e-3)
     return c, opt, SimpleNamespace(out=tmp_path, stage=1, defaults="official", run_record={})
 
 

@@ -202,7 +202,8 @@ def test_generation_timing_splits_prefill_and_decode(ckpts):
     ({"docs": ["a doc"], "answer": "x"}, r"bad\.jsonl:3: missing field 'question'"),
     ({"question": "q?", "answer": "x"}, r"bad\.jsonl:3: missing field 'docs'"),
     ({"question": "q?", "docs": [], "answer": "x"}, r"bad\.jsonl:3: empty candidate list"),
-    ({"question": "q?", "docs": ["a", "b"], "answer": "x", "pos_index": [2]}, r"bad\.jsonl:3: pos_index out of range"),
+    ({"question": "q?", "docs": ["a", "b"], "answer": "x", "pos_index": [2]},
+     r"bad\.jsonl:3: field 'pos_index\[0\]': index 2 is out of range"),  # data.positives, as in training
     ({"question": "q?", "docs": ["a", "b"]}, r"bad\.jsonl:3: missing gold answer field"),
     ("{not json", r"bad\.jsonl:3: not valid JSON"),
 ])

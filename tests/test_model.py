@@ -217,6 +217,24 @@ def test_lora_init_and_copy():
         assert not torch.equal(m(ids, adapter="encoder"), m(ids, adapter="encoder"))
 
 
+def test_lora_layers_are_the_hf_projection_table():
+    """model.HF_PROJ names every LoRALinear of a block (and nothing else): it is the source of the HF keys of
+    the projections and of the official adapter keys (clara.OFFICIAL_PROJ), so a layer missing from it would
+    load nothing from an HF checkpoint or an official release."""
+    import clara
+    from model import HF_KEYS, HF_PROJ, LoRALinear
+    m = Transformer(ModelConfig.from_preset("tiny"))
+    lora = {n for n, mod in m.layers[0].named_modules() if isinstance(mod, LoRALinear)}
+    assert lora == set(HF_PROJ) and len(lora) == 7
+    assert HF_KEYS["layers.{}.mlp.gate.weight"] == "model.layers.{}.mlp.gate_proj.weight"
+    assert HF_KEYS["layers.{}.attention.wo.bias"] == "model.layers.{}.self_attn.o_proj.bias"
+    assert "layers.{}.mlp.up.bias" not in HF_KEYS  # the MLP has no biases in any supported family
+    assert clara.official_key("base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight", "encoder") \
+        == "layers.3.attention.wq.lora_A.encoder"
+    assert clara.official_key("base_model.model.model.layers.0.mlp.down_proj.lora_B.weight", "query") \
+        == "layers.0.mlp.down.lora_B.query"
+
+
 def test_activation_checkpointing_same_gradients():
     m = Transformer(ModelConfig.from_preset("tiny")).init_weights()
     m.requires_grad_(False).add_adapter("a", LoRAConfig(dropout=0.0))
