@@ -214,6 +214,7 @@ def check_out(out: Path):
 def pretrain(a, argv: list[str]) -> dict:
     """Train the base and write --out; returns the provenance record."""
     check_out(a.out)
+    commit = git_commit()  # the code that runs: read before training (a tree edited meanwhile is not it)
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, a.dtype) if a.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     texts = read_texts(a.data)
@@ -267,7 +268,7 @@ def pretrain(a, argv: list[str]) -> dict:
                   f"tokens_per_s {n_tokens / (time.perf_counter() - t0):.4g}", flush=True)
     flags = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items() if k not in ("data", "out")}
     record = {"what": "a base decoder pretrained as a plain language model by lab/pretrain.py (not CLaRa)",
-              "command": "python lab/pretrain.py " + shlex.join(argv), "commit": git_commit(),
+              "command": "python lab/pretrain.py " + shlex.join(argv), "commit": commit,
               "data": [{"path": shown_path(f), "sha256": sha256(f)} for f in a.data],
               "flags": flags, "texts": len(rows), "steps": total, "parameters": n_params,
               "vocab_size": tok.vocab_size, "final_loss": round(loss, 5), "loss_curve": curve,
