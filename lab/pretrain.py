@@ -81,7 +81,7 @@ def make_parser() -> Parser:
                    "steps; untied, it had not after 300)")
     p.add_argument("--max-len", type=int, default=256, help="tokens per text (cut on the right)")
     p.add_argument("--global-batch", type=int, default=32, help="texts per optimizer step")
-    p.add_argument("--micro-batch", type=int, default=32, help="texts per forward pass")
+    p.add_argument("--micro-batch", type=int, default=None, help="texts per forward pass (default: --global-batch)")
     p.add_argument("--epochs", type=int, default=5, help="passes over the texts")
     p.add_argument("--max-steps", type=int, default=None, help="total optimizer steps (default: --epochs)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
@@ -99,6 +99,7 @@ def make_parser() -> Parser:
 
 def parse_args(argv=None):
     a = make_parser().parse_args(argv)
+    a.micro_batch = a.micro_batch or a.global_batch
     a.schedule = "cosine"  # what train.lr_at reads
     for k in ("vocab_size", "max_len", "global_batch", "micro_batch", "epochs", "max_steps", "log_every"):
         v = getattr(a, k)

@@ -337,13 +337,13 @@ def _(env):
 
 # ---- train.py --resume ----------------------------------------------------------------------------------
 
-def resume_case(env, prepare, trainable_base=False):
+def resume_case(env, prepare, resume_stage=None):
     c = Clara(Transformer.from_pretrained(env.base, dtype=torch.float32), Tokenizer.from_pretrained(env.base),
               ClaraConfig(**CFG, training_stage=1), base_path=str(env.base))
     opt = torch.optim.AdamW(list(c.trainable_parameters(1).values()), lr=1e-3)
     prepare(c, opt)
-    if trainable_base:
-        opt = torch.optim.AdamW(list(c.trainable_parameters(1, train_base=True).values()), lr=1e-3)
+    if resume_stage is not None:  # resumed with another stage's trainable set (stage 2: no <MEMi> rows)
+        opt = torch.optim.AdamW(list(c.trainable_parameters(resume_stage).values()), lr=1e-3)
     return (lambda _: run_resume(env, c, opt)), None
 
 
@@ -376,7 +376,7 @@ def _(env):
 def _(env):
     def prepare(c, o):
         train.save_all(c, o, SimpleNamespace(out=env.tmp, stage=1, defaults="official", run_record={}), 1, {"epoch": 0}, 0)
-    return resume_case(env, prepare, trainable_base=True)
+    return resume_case(env, prepare, resume_stage=2)
 
 
 # ---- the test and the table -------------------------------------------------------------------------------
