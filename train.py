@@ -23,9 +23,9 @@ Outputs in --out: `checkpoint/` (the CLaRa checkpoint: Clara.from_pretrained, ev
 state + optimizer state + data position: safetensors + JSON from one process, torch.distributed.checkpoint's
 sharded format + a manifest of sha256 from several ranks; see save_all), `metrics.jsonl`, `run.json` (the
 flags the run computes with: --resume restores them and refuses a change). Every directory is replaced
-atomically: a crash while saving leaves the previous one intact. metrics.jsonl is the curve of the checkpoint beside it: a fresh run
-replaces it at its first save (a --resume keeps the lines up to its step). An --out holding files this
-project did not write is refused unless --overwrite.
+atomically: a crash while saving leaves the previous one intact. metrics.jsonl is the curve of the checkpoint
+beside it: a fresh run replaces it at its first save (a --resume keeps the lines up to its step). An --out
+holding files this project did not write is refused unless --overwrite.
 
 Expected errors (a bad flag, file, folder or record, non-finite weights, a full disk) end the command line
 with one line `train.py: error: ...` and exit 2, before anything in --out is changed or with what was saved
