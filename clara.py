@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 
 from data import MISTRAL, ChatFormat, Prompt, Tokenizer, left_pad
-from model import HF_PROJ, LoRAConfig, ModelConfig, Transformer, generate
+from model import HF_PROJ, LoRAConfig, Transformer, generate
 from topk import topk_select
 
 # ----------------------------------------------------------------------------------------------------
@@ -170,7 +170,6 @@ class Clara(nn.Module):
         """Wrap a loaded base decoder: add CLaRa's tokens, grow the vocabulary, add the adapters."""
         super().__init__()
         self.cfg, self.tok, self.base_path = cfg, tokenizer, base_path
-        self.base_trained = False  # set by trainable_parameters(train_base=True): save the base weights too
         self.base_vocab = tokenizer.vocab_size
         M = cfg.n_mem
         mem_tokens = [f"<MEM{i}>" for i in range(M)]
@@ -196,8 +195,9 @@ class Clara(nn.Module):
             model.add_adapter("query", cfg.lora)
         self.loaded_adapters: set[str] = set()  # the adapters from_pretrained read from a checkpoint
         # The base decoder's weight files, pinned by content hash in every checkpoint saved from this model.
-        # base_carried: the base lives inside the checkpoint it was loaded from (`<ckpt>/base`), so a save
-        # copies it (a checkpoint never points into another checkpoint, which a rerun may replace).
+        # base_carried: a save copies the base into `<ckpt>/base`: a base loaded from inside a checkpoint (a
+        # checkpoint never points into another checkpoint, which a rerun may replace), or a small base the
+        # caller wants the checkpoint to carry (train.py: the shipped tiny base), so it loads from anywhere.
         self.base_carried = False
         self.base_sha256: dict[str, str] | None = None  # None: hashed from base_path at the first save
         self.loaded_stage: int | None = None  # the training stage that wrote that checkpoint
@@ -231,13 +231,9 @@ class Clara(nn.Module):
         mem = self.mem_embeddings.to(x.dtype)[(ids - m0).clamp(0, M - 1)]  # (B, T, H)
         return torch.where(is_mem[..., None], mem, x)
 
-    def trainable_parameters(self, stage: int, train_base: bool = False) -> dict[str, nn.Parameter]:
-        """Mark and return what trains in `stage` (docs/method.md#stages, the table); everything else is frozen.
-
-        train_base=True also trains every base weight: NOT the method (its base is always frozen), but what
-        a tiny model starting from random weights needs to learn anything in minutes (the CPU lab). The
-        checkpoint then carries the base weights too.
-        """
+    def trainable_parameters(self, stage: int) -> dict[str, nn.Parameter]:
+        """Mark and return what trains in `stage` (docs/method.md#stages, the table); everything else, the
+        base decoder included, is frozen."""
         self.requires_grad_(False)
         names = {1: ("encoder", "decoder"), 2: ("encoder", "decoder"), 3: ("query", "decoder")}[stage]
         params = {}
@@ -245,9 +241,6 @@ class Clara(nn.Module):
             params.update({f"model.{k}": v for k, v in self.model.adapter_parameters(a).items()})
         if stage == 1:
             params["mem_embeddings"] = self.mem_embeddings
-        if train_base:
-            params.update({f"model.{k}": v for k, v in self.model.named_parameters() if "lora_" not in k})
-            self.base_trained = True
         for p in params.values():
             p.requires_grad_(True)
         return params
@@ -601,8 +594,6 @@ class Clara(nn.Module):
         sd["added_embeddings"] = added
         if not self.model.cfg.tie_embeddings:
             sd["added_lm_head"] = full(self.model.output.weight)[V0:]
-        if self.base_trained:  # the whole base, under "base." (written as an HF directory by save_pretrained)
-            sd.update({f"base.{k}": full(v) for k, v in self.model.named_parameters() if "lora_" not in k})
         return {k: v.contiguous().cpu() for k, v in sd.items()}
 
     def save_pretrained(self, path: str | Path, extra: dict | None = None, state: dict | None = None):
@@ -610,9 +601,9 @@ class Clara(nn.Module):
 
         Everything is written into a temporary sibling directory which then replaces `path` by renames
         (replace_dir), so a crash mid-save leaves the previous checkpoint loadable. The folder is
-        self-contained: a base that was trained, or that came from inside another checkpoint, is written
-        into `base/`; an external base (an HF directory) is named by absolute path and pinned by the sha256
-        of its weight files. `files_sha256` pins every file of the folder itself; loading checks both.
+        self-contained: a carried base (`base_carried`: one that came from inside another checkpoint, or a
+        small one the caller chose to carry) is copied into `base/`; an external base (an HF directory) is
+        named by absolute path and pinned by the sha256 of its weight files. `files_sha256` pins every file of the folder itself; loading checks both.
         """
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
@@ -635,16 +626,7 @@ class Clara(nn.Module):
         """Everything of save_pretrained but the final swap, written into `tmp`."""
         from safetensors.torch import save_file
         base = str(Path(self.base_path).resolve()) if self.base_path else None
-        if any(k.startswith("base.") for k in state):  # a trained base travels inside the checkpoint
-            V0 = int(self.mem_ids[0])
-            base_sd = {k[5:]: v[:V0] if k[5:] in ("tok_embeddings.weight", "output.weight") else v
-                       for k, v in state.items() if k.startswith("base.")}
-            self.model.save_pretrained(tmp / "base", state=base_sd, vocab_size=V0)
-            Tokenizer.from_pretrained(self.base_path).save(tmp / "base")
-            state = {k: v for k, v in state.items() if not k.startswith("base.")}
-            base = "base"  # relative: resolved against the checkpoint directory
-            base_sha = weight_hashes(tmp / "base")
-        elif self.base_carried:  # frozen, but inside the checkpoint it came from: copy it, exactly
+        if self.base_carried:  # the frozen base, copied exactly; named relative to the checkpoint directory
             src = Path(self.base_path)
             (tmp / "base").mkdir()
             for name in ["config.json", "tokenizer.json", *base_weight_files(src)]:
@@ -671,9 +653,9 @@ class Clara(nn.Module):
     def from_pretrained(cls, path: str | Path, base_model: str | Path | None = None, dtype=None, device=None,
                         compr_rate: int | None = None, training_stage: int | None = None) -> "Clara":
         """Load a CLaRa checkpoint: ours (clara_config.json) or an official released folder (config.json +
-        adapters.pth), or the train.py run folder holding one. `base_model` overrides where the base decoder is read from (an HF directory, or a
-        model preset name for checkpoints trained from a preset). A `compr_rate` that disagrees with the
-        checkpoint's is an error, never silently ignored (an official defect)."""
+        adapters.pth), or the train.py run folder holding one. `base_model` overrides where the base decoder
+        is read from (an HF directory). A `compr_rate` that disagrees with the checkpoint's is an error, never
+        silently ignored (an official defect)."""
         path = checkpoint_dir(path)  # a run folder means its checkpoint/; path.old after a killed swap
         if (path / "clara_config.json").exists():
             return _load_native(cls, path, base_model, dtype, device, compr_rate, training_stage)

@@ -379,7 +379,7 @@ def train_tokenizer(texts, vocab_size: int = 1000, split_punctuation: bool = Fal
     prompt+answer tokens. The printable ASCII alphabet is always included, so nothing maps to <unk>.
     split_punctuation=True also makes every punctuation mark its own piece, so that "Selford." in a
     document and the answer "Selford" share the token "▁Selford": a tiny model then learns to answer by
-    copying a token instead of learning a token-to-token mapping (train.py --stage 0 uses it).
+    copying a token instead of learning a token-to-token mapping (lab/pretrain.py uses it).
     """
     from tokenizers import decoders, models, pre_tokenizers, trainers
     tok = HFTokenizer(models.BPE(unk_token="<unk>"))

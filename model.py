@@ -174,9 +174,6 @@ PRESETS = {
     # Trains on a laptop CPU in seconds; vocab_size is normally overridden by the tokenizer's size.
     "tiny": dict(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
                  intermediate_size=176, norm_eps=1e-5, rope_theta=10000.0, dtype="float32"),
-    # Twice as wide; in the lab probe's figures (BENCHMARKS.md), not used by the lab itself.
-    "small": dict(vocab_size=512, dim=128, n_layers=2, n_heads=4, n_kv_heads=4, head_dim=32,
-                  intermediate_size=384, norm_eps=1e-5, rope_theta=10000.0, dtype="float32"),
     # Mistral-7B-Instruct-v0.2 (the CLaRa base model).
     "mistral-7b": dict(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
                        intermediate_size=14336, norm_eps=1e-5, rope_theta=1e6, sliding_window=None,
@@ -296,7 +293,7 @@ class _LoRAFunction(torch.autograd.Function):
             if need[0]:
                 gh = gz @ A  # (..., in)
                 gx = g @ W + (gh if noise is None else gh * noise).to(x.dtype)
-        if need[1]:  # the base trains too (the CPU lab's train_base)
+        if need[1]:  # a base weight that requires grad (CLaRa's base is frozen; the layer allows it)
             gW = g.flatten(0, -2).T @ x.flatten(0, -2)
         if need[2] and ctx.has_bias:
             gb = g.flatten(0, -2).sum(0)
@@ -553,7 +550,7 @@ class Transformer(nn.Module):
     def save_pretrained(self, path: str | Path, state: dict | None = None, vocab_size: int | None = None):
         """Write the base weights as an HF directory (config.json + model.safetensors), LoRA excluded.
 
-        Used for models trained from a preset (the CPU lab): CLaRa checkpoints point at a base directory.
+        Used for bases trained from a preset (lab/pretrain.py): CLaRa checkpoints point at a base directory.
         """
         from safetensors.torch import save_file
         path = Path(path)

@@ -13,7 +13,7 @@ It prints every command before it runs it (the commands a reader would type) and
                questions never appear in a training file), the stage-1/2/3 training files and the held-out
                evaluation files (test_stage2: k documents per question; test_stage3: 20 candidates)
   2. stages 1 and 2 at each compression rate: LoRA adapters (encoder, decoder) and the <MEMi> rows on the
-               FROZEN base (--train-base 0, the method's own setting), then eval.py on the held-out questions:
+               FROZEN base (the method's own setting; train.py never trains it), then eval.py on the held-out questions:
                compressed (the decoder adapter reads the k documents' memories), and once, with the bare
                base model, raw text (the same k documents in the prompt) and closed book (no document)
   3. stage 3   from the stage-2 model of --stage3-rate (default: the smallest rate): retrieval among 20
@@ -178,7 +178,7 @@ def main(argv=None) -> dict:
     for rate in cfg["rates"]:
         d = out / f"rate{rate}"
         run([PY, "train.py", "--stage", "1", "--model", a.model, "--data", data / "stage1.jsonl", "--out", d / "stage1",
-             "--train-base", "0", "--doc-len", cfg["doc_len"], "--compr-rate", rate, "--lr", cfg["lr"],
+             "--doc-len", cfg["doc_len"], "--compr-rate", rate, "--lr", cfg["lr"],
              "--min-lr", cfg["lr"] / 10, "--max-steps", cfg["s1_steps"], *batch, *common], log, dry)
         run([PY, "train.py", "--stage", "2", "--init", d / "stage1" / "checkpoint", "--data", data / "stage2.jsonl",
              "--out", d / "stage2", "--top-k", cfg["k"], "--lr", cfg["lr"], "--min-lr", cfg["lr"] / 10,

@@ -346,13 +346,13 @@ def _(env):
 
 # ---- train.py --resume ----------------------------------------------------------------------------------
 
-def resume_case(env, prepare, trainable_base=False):
+def resume_case(env, prepare, resume_stage=None):
     c = Clara(Transformer.from_pretrained(env.base, dtype=torch.float32), Tokenizer.from_pretrained(env.base),
               ClaraConfig(**CFG, training_stage=1), base_path=str(env.base))
     opt = torch.optim.AdamW(list(c.trainable_parameters(1).values()), lr=1e-3)
     prepare(c, opt)
-    if trainable_base:
-        opt = torch.optim.AdamW(list(c.trainable_parameters(1, train_base=True).values()), lr=1e-3)
+    if resume_stage is not None:  # resumed with another stage's trainable set (stage 2: no <MEMi> rows)
+        opt = torch.optim.AdamW(list(c.trainable_parameters(resume_stage).values()), lr=1e-3)
     return (lambda _: run_resume(env, c, opt)), None
 
 
@@ -383,7 +383,7 @@ def _(env):
 @case("resume-other-params", "train.py --resume", "saved by a run with other trainable parameters",
       r"--resume: .*state.safetensors holds the state of other trainable parameters")
 def _(env):
-    return resume_case(env, lambda c, o: save_resume(env, c, o), trainable_base=True)
+    return resume_case(env, lambda c, o: save_resume(env, c, o), resume_stage=2)
 
 
 # ---- the test and the table -------------------------------------------------------------------------------

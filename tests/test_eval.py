@@ -18,7 +18,7 @@ from model import generate
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--global-batch", "4", "--micro-batch", "2", "--doc-len", "32", "--compr-rate", "8", "--max-len", "400",
-        "--lora-dropout", "0", "--vocab-size", "400", "--max-steps", "2", "--log-every", "1",
+        "--lora-dropout", "0", "--max-steps", "2", "--log-every", "1",
         "--device", "cpu"]  # explicit: on a GPU machine the default would be CUDA + bf16
 K, M = 2, 4  # the tiny preset's generation_top_k; doc_len 32 / rate 8 memory tokens per document
 
