@@ -315,9 +315,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # F.rms_norm without a weight is x * rsqrt(mean(x^2) + eps) in one call, the same fp32 operations
+        # (bit-identical) at a fraction of the per-call cost of six. The weight multiplies after the cast
+        # back, as HF does: F.rms_norm's own weight would multiply in fp32, which differs in bf16.
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None, device=None) -> torch.Tensor:
@@ -343,17 +344,21 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None, devi
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype,
                  scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotary angles, (B, 1, T, D), in HF's rotate-half layout (the two halves repeat)."""
+    """cos and signed sin of the rotary angles, (B, 1, T, D), in HF's rotate-half layout: cos is
+    [cos, cos] (the two halves repeat), the sine is [-sin, sin], the sign of rotate_half folded in (see
+    apply_rope)."""
     inv_freq = rope_inv_freq(head_dim, theta, scaling, positions.device)  # (D/2,)
     angles = positions.float()[..., None] * inv_freq  # (B, T, D/2)
-    angles = torch.cat([angles, angles], dim=-1)[:, None]  # (B, 1, T, D)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    return torch.cat([cos, cos], dim=-1)[:, None], torch.cat([-sin, sin], dim=-1)[:, None]  # (B, 1, T, D)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x_i, x_{i+D/2}) by the position's angle: x*cos + rotate_half(x)*sin."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+    """Rotate pairs (x_i, x_{i+D/2}) by the position's angle: HF's x*cos + rotate_half(x)*sin, where
+    rotate_half(x) = [-x2, x1]. With the sign in the sine ([-sin, sin], rope_cos_sin) it is
+    x*cos + [x2, x1]*[-sin, sin], and [x2, x1] is a roll by D/2: one op where split, neg and cat were
+    three, and the same bits ((-a)*b == a*(-b) exactly)."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 
 
 class Attention(nn.Module):
@@ -372,8 +377,11 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, key_mask, adapter, cache, layer):
         B, T, _ = x.shape
         D = self.cfg.head_dim
-        q = self.q_norm(self.wq(x, adapter).view(B, T, -1, D)).transpose(1, 2)  # (B, Hq, T, D)
-        k = self.k_norm(self.wk(x, adapter).view(B, T, -1, D)).transpose(1, 2)  # (B, Hkv, T, D)
+        q = self.wq(x, adapter).view(B, T, -1, D)  # (B, T, Hq, D)
+        k = self.wk(x, adapter).view(B, T, -1, D)  # (B, T, Hkv, D)
+        if self.cfg.qk_norm:  # not a call of the Identity otherwise: module calls cost per decoded token
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, Hq | Hkv, T, D)
         v = self.wv(x, adapter).view(B, T, -1, D).transpose(1, 2)  # (B, Hkv, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
@@ -745,12 +753,15 @@ class KVCache:
           the buffer slot `slot`, a (1,) tensor, so the step has no Python integer that changes from
           token to token; compiled, it attends to the whole buffer with a mask that hides the slots not
           yet written and those outside the sliding window, eager, to a view of the visible slots.
-    Rows are left padded, so every row writes the same slot at every step."""
+    Rows are left padded, so every row writes the same slot at every step.
+    Each layer has its own buffers, not a slice of one (L, ...) tensor: torch.compile writes index_copy_
+    into a whole graph input in place, but into a view of one it copies the whole buffer (slots and
+    layers it does not touch included) at every step, which made compiled decoding slower than eager."""
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype):
-        shape = (cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.mask = torch.zeros(batch, max_len, device=device, dtype=torch.bool)
         self.length = 0  # tokens cached so far (same for every row: padding is on the left)
         self.window = cfg.sliding_window
@@ -762,7 +773,7 @@ class KVCache:
 
     @property
     def capacity(self) -> int:
-        return self.k.shape[3]
+        return self.k[0].shape[2]
 
     def reset(self):
         """Empty the cache for a new generation; the buffers are kept (their addresses too)."""
@@ -787,9 +798,10 @@ class KVCache:
         T = k.shape[2]
         if self.length + T > self.capacity:
             raise RuntimeError(f"KVCache: {self.length + T} tokens exceed its capacity {self.capacity}")
-        self.k[layer, :, :, self.length:self.length + T] = k
-        self.v[layer, :, :, self.length:self.length + T] = v
-        return self.k[layer, :, :, :self.length + T], self.v[layer, :, :, :self.length + T]
+        kc, vc = self.k[layer], self.v[layer]  # (B, Hkv, max_len, D)
+        kc[:, :, self.length:self.length + T] = k
+        vc[:, :, self.length:self.length + T] = v
+        return kc[:, :, :self.length + T], vc[:, :, :self.length + T]
 
     def begin_decoding(self, whole_buffer: bool):
         """Switch from prefill to one-token decoding at slot `length` (a tensor from now on)."""
@@ -845,7 +857,7 @@ def _static_cache(model, batch, capacity, device, dtype) -> KVCache:
     key = (batch, capacity, dtype, str(device))
     if key not in caches:
         caches[key] = cache = KVCache(model.cfg, batch, capacity, device, dtype)
-        for t in (cache.k, cache.v, cache.mask, cache.bias):
+        for t in (*cache.k, *cache.v, cache.mask, cache.bias):
             torch._dynamo.mark_static_address(t)
     caches[key].reset()
     return caches[key]
