@@ -23,7 +23,7 @@ Hugging Face checkpoint keys, so loading is a pure rename: the rotate-half RoPE 
 no q/k permutation is needed.
 
 Shape legend: B batch, T query tokens, S key tokens (cache included), H hidden size, Hq query heads,
-Hkv key/value heads, D head dim, V vocabulary, R LoRA rank.
+Hkv key/value heads, D head dim, V vocabulary, R LoRA rank, N real (unpadded) tokens of a packed batch.
 """
 from __future__ import annotations
 
@@ -374,15 +374,18 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
 
-    def forward(self, x, cos, sin, key_mask, adapter, cache, layer):
-        B, T, _ = x.shape
+    def forward(self, x, cos, sin, key_mask, adapter, cache, layer, real=None):
+        """x (B, T, H), or packed (N, H) with real (B, T) bool saying where its rows sit (Transformer.forward's
+        skip_padding): the projections run on the real tokens only, attention on the padded layout."""
         D = self.cfg.head_dim
-        q = self.wq(x, adapter).view(B, T, -1, D)  # (B, T, Hq, D)
-        k = self.wk(x, adapter).view(B, T, -1, D)  # (B, T, Hkv, D)
+        q, k, v = self.wq(x, adapter), self.wk(x, adapter), self.wv(x, adapter)  # (B, T | N, Hq*D | Hkv*D)
+        if real is not None:  # (N, .) -> (B, T, .), zeros at the padding: masked keys, discarded queries
+            q, k, v = (_unpack(t, real) for t in (q, k, v))
+        B, T, _ = q.shape
+        q, k, v = q.view(B, T, -1, D), k.view(B, T, -1, D), v.view(B, T, -1, D)  # (B, T, Hq | Hkv, D)
         if self.cfg.qk_norm:  # not a call of the Identity otherwise: module calls cost per decoded token
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, Hq | Hkv, T, D)
-        v = self.wv(x, adapter).view(B, T, -1, D).transpose(1, 2)  # (B, Hkv, T, D)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, Hq | Hkv, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, Hkv, S, D), S = cached + T (decoding: see KVCache)
@@ -390,7 +393,13 @@ class Attention(nn.Module):
             y = kernels.decode_attention(q, k, v, key_mask)
         else:  # GQA: the kernel maps query head h to kv head h // (Hq / Hkv); K/V are never repeated here.
             y = kernels.attention(q, k, v, causal=True, key_padding_mask=key_mask, window=self.cfg.sliding_window)
-        return self.wo(y.transpose(1, 2).reshape(B, T, -1), adapter)  # (B, T, H)
+        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, Hq*D)
+        return self.wo(y if real is None else y[real], adapter)  # (B, T, H) or packed (N, H)
+
+
+def _unpack(t: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """Packed rows (N, F) of the True places of real (B, T), row after row -> (B, T, F), zeros elsewhere."""
+    return t.new_zeros(*real.shape, t.shape[-1]).index_put_((real,), t)
 
 
 class MLP(nn.Module):
@@ -433,9 +442,9 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, key_mask, adapter=None, cache=None, layer=0):
-        x = x + self.attention(self.attention_norm(x), cos, sin, key_mask, adapter, cache, layer)
-        return x + self.mlp(self.mlp_norm(x), adapter)
+    def forward(self, x, cos, sin, key_mask, adapter=None, cache=None, layer=0, real=None):
+        x = x + self.attention(self.attention_norm(x), cos, sin, key_mask, adapter, cache, layer, real)
+        return x + self.mlp(self.mlp_norm(x), adapter)  # norms and MLP act per token: packed or not
 
 
 # Our parameter name -> HF checkpoint key ("{}" is the layer index).
@@ -651,7 +660,7 @@ class Transformer(nn.Module):
     # -- forward ----------------------------------------------------------------------------------
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, adapter: str | None = None,
-                positions=None, cache: "KVCache | None" = None, output: str = "logits"):
+                positions=None, cache: "KVCache | None" = None, output: str = "logits", skip_padding: bool = False):
         """Run the decoder.
 
         input_ids (B, T) or inputs_embeds (B, T, H); attention_mask (B, T), 1 = token, 0 = (left) padding.
@@ -659,6 +668,9 @@ class Transformer(nn.Module):
         from the padded row's start or from its first real token gives the same attention scores).
         adapter: the one LoRA adapter active in this call, or None for the bare base model.
         output: "logits" -> (B, T, V) float; "hidden" -> final states after the last RMSNorm, (B, T, H).
+        skip_padding: run the projections and MLPs on the real tokens only (packed, N of them), not on the
+        padding too: the same numbers at the real positions, zeros at the padded ones (generate's prefill:
+        a left-padded batch of prompts of mixed lengths is mostly padding in its short rows).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
@@ -674,20 +686,23 @@ class Transformer(nn.Module):
             key_mask = attention_mask.bool()
             if bool(key_mask.all()):
                 key_mask = None  # nothing padded: let attention take its fast causal path
+        if output not in ("logits", "hidden"):
+            raise ValueError(f"output must be 'logits' or 'hidden', got {output!r}")
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype, self.cfg.rope_scaling)
+        real = None
+        if skip_padding and attention_mask is not None and not bool(attention_mask.bool().all()):
+            real = attention_mask.bool()  # (B, T)
+            x = x[real]  # (N, H): the real tokens, row after row (Attention unpacks them around attention)
         for i, layer in enumerate(self.layers):
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, key_mask, adapter, cache, i, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, key_mask, adapter, cache, i, real, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, key_mask, adapter, cache, i)
+                x = layer(x, cos, sin, key_mask, adapter, cache, i, real)
         if cache is not None:
             cache.length += T
-        h = self.norm(x)
-        if output == "hidden":
-            return h
-        if output != "logits":
-            raise ValueError(f"output must be 'logits' or 'hidden', got {output!r}")
-        return self.output(h).float()
+        h = self.norm(x)  # (B, T, H) or packed (N, H)
+        out = h if output == "hidden" else self.output(h).float()
+        return out if real is None else _unpack(out, real)  # (B, T, H | V)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -907,7 +922,7 @@ def generate(model: Transformer, input_ids=None, attention_mask=None, inputs_emb
         cache, step = KVCache(model.cfg, B, T + max_new_tokens, device, dtype), decode_step
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
     h = model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-              adapter=adapter, positions=positions, cache=cache, output="hidden")
+              adapter=adapter, positions=positions, cache=cache, output="hidden", skip_padding=True)
     logits = model.output(h[:, -1]).float()  # (B, V): only the last position is needed
     # the rotary cos/sin of every decoding step, gathered once: (steps, B, 1, 1, D), one row per step
     steps = positions[:, -1:] + 1 + torch.arange(max(max_new_tokens - 1, 0), device=device)  # (B, steps)
