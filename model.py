@@ -902,7 +902,8 @@ def generate(model: Transformer, input_ids=None, attention_mask=None, inputs_emb
     a negative id: no end token.
 
     Positions follow the attention mask (the first real token of each row is position 0), as Hugging
-    Face's generate does, so results match it for left-padded batches.
+    Face's generate does, so results match it for left-padded batches. The prefill skips the padding
+    (Transformer.forward's skip_padding): a short prompt in a batch with a long one costs its own tokens.
     compile=True runs the per-token step through torch.compile (CUDA graphs off the CPU) against a cache
     kept for the next call of the same shape: the first call pays the compile, later calls decode faster.
     """
