@@ -40,8 +40,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from safetensors import SafetensorError
+
 from data import MISTRAL, ChatFormat, Prompt, Tokenizer, left_pad
-from model import LoRAConfig, ModelConfig, Transformer, generate
+from model import HF_PROJ, LoRAConfig, Transformer, generate
 from topk import topk_select
 
 # ----------------------------------------------------------------------------------------------------
@@ -225,7 +227,6 @@ class Clara(nn.Module):
         """Wrap a loaded base decoder: add CLaRa's tokens, grow the vocabulary, add the adapters."""
         super().__init__()
         self.cfg, self.tok, self.base_path = cfg, tokenizer, base_path
-        self.base_trained = False  # set by trainable_parameters(train_base=True): save the base weights too
         self.base_vocab = tokenizer.vocab_size
         M = cfg.n_mem
         mem_tokens = [f"<MEM{i}>" for i in range(M)]
@@ -251,8 +252,9 @@ class Clara(nn.Module):
             model.add_adapter("query", cfg.lora)
         self.loaded_adapters: set[str] = set()  # the adapters from_pretrained read from a checkpoint
         # The base decoder's weight files, pinned by content hash in every checkpoint saved from this model.
-        # base_carried: the base lives inside the checkpoint it was loaded from (`<ckpt>/base`), so a save
-        # copies it (a checkpoint never points into another checkpoint, which a rerun may replace).
+        # base_carried: a save copies the base into `<ckpt>/base`: a base loaded from inside a checkpoint (a
+        # checkpoint never points into another checkpoint, which a rerun may replace), or a small base the
+        # caller wants the checkpoint to carry (train.py: the shipped tiny base), so it loads from anywhere.
         self.base_carried = False
         self.base_sha256: dict[str, str] | None = None  # None: hashed from base_path at the first save
         self.loaded_stage: int | None = None  # the training stage that wrote that checkpoint
@@ -286,13 +288,9 @@ class Clara(nn.Module):
         mem = self.mem_embeddings.to(x.dtype)[(ids - m0).clamp(0, M - 1)]  # (B, T, H)
         return torch.where(is_mem[..., None], mem, x)
 
-    def trainable_parameters(self, stage: int, train_base: bool = False) -> dict[str, nn.Parameter]:
-        """Mark and return what trains in `stage` (docs/method.md#stages, the table); everything else is frozen.
-
-        train_base=True also trains every base weight: NOT the method (its base is always frozen), but what
-        a tiny model starting from random weights needs to learn anything in minutes (the CPU lab). The
-        checkpoint then carries the base weights too.
-        """
+    def trainable_parameters(self, stage: int) -> dict[str, nn.Parameter]:
+        """Mark and return what trains in `stage` (docs/method.md#stages, the table); everything else, the
+        base decoder included, is frozen."""
         self.requires_grad_(False)
         names = {1: ("encoder", "decoder"), 2: ("encoder", "decoder"), 3: ("query", "decoder")}[stage]
         params = {}
@@ -300,9 +298,6 @@ class Clara(nn.Module):
             params.update({f"model.{k}": v for k, v in self.model.adapter_parameters(a).items()})
         if stage == 1:
             params["mem_embeddings"] = self.mem_embeddings
-        if train_base:
-            params.update({f"model.{k}": v for k, v in self.model.named_parameters() if "lora_" not in k})
-            self.base_trained = True
         for p in params.values():
             p.requires_grad_(True)
         return params
@@ -685,8 +680,6 @@ class Clara(nn.Module):
         sd["added_embeddings"] = added
         if not self.model.cfg.tie_embeddings:
             sd["added_lm_head"] = full(self.model.output.weight)[V0:]
-        if self.base_trained:  # the whole base, under "base." (written as an HF directory by save_pretrained)
-            sd.update({f"base.{k}": full(v) for k, v in self.model.named_parameters() if "lora_" not in k})
         return {k: v.contiguous().cpu() for k, v in sd.items()}
 
     def save_pretrained(self, path: str | Path, extra: dict | None = None, state: dict | None = None):
@@ -694,11 +687,10 @@ class Clara(nn.Module):
 
         Everything is written into a temporary sibling directory which then replaces `path` by renames
         (replace_dir), so a crash mid-save leaves the previous checkpoint loadable. The folder is
-        self-contained: a base that was trained, or that came from inside another checkpoint, is written
-        into `base/`; an external base (an HF directory) is named by absolute path and pinned by the sha256
-        of its weight files. `files_sha256` pins every file of the folder itself; loading checks both.
+        self-contained: a carried base (`base_carried`: one that came from inside another checkpoint, or a
+        small one the caller chose to carry) is copied into `base/`; an external base (an HF directory) is
+        named by absolute path and pinned by the sha256 of its weight files. `files_sha256` pins every file of the folder itself; loading checks both.
         """
-        from safetensors import SafetensorError
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
         state = state if state is not None else self.state_to_save()
@@ -707,7 +699,7 @@ class Clara(nn.Module):
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
             self._write_checkpoint(tmp, path, extra, state)
-        except (OSError, SafetensorError) as e:  # a full disk, a read-only folder: the last checkpoint stays
+        except SAVE_ERRORS as e:  # a full disk, a read-only folder: the last checkpoint stays
             shutil.rmtree(tmp, ignore_errors=True)
             raise OSError(f"{path}: cannot save the checkpoint ({error_line(e)}); the previous one, if any, is "
                           "untouched") from None
@@ -720,16 +712,7 @@ class Clara(nn.Module):
         """Everything of save_pretrained but the final swap, written into `tmp`."""
         from safetensors.torch import save_file
         base = str(Path(self.base_path).resolve()) if self.base_path else None
-        if any(k.startswith("base.") for k in state):  # a trained base travels inside the checkpoint
-            V0 = int(self.mem_ids[0])
-            base_sd = {k[5:]: v[:V0] if k[5:] in ("tok_embeddings.weight", "output.weight") else v
-                       for k, v in state.items() if k.startswith("base.")}
-            self.model.save_pretrained(tmp / "base", state=base_sd, vocab_size=V0)
-            Tokenizer.from_pretrained(self.base_path).save(tmp / "base")
-            state = {k: v for k, v in state.items() if not k.startswith("base.")}
-            base = "base"  # relative: resolved against the checkpoint directory
-            base_sha = weight_hashes(tmp / "base")
-        elif self.base_carried:  # frozen, but inside the checkpoint it came from: copy it, exactly
+        if self.base_carried:  # the frozen base, copied exactly; named relative to the checkpoint directory
             src = Path(self.base_path)
             (tmp / "base").mkdir()
             for name in ["config.json", "tokenizer.json", *base_weight_files(src)]:
@@ -756,9 +739,9 @@ class Clara(nn.Module):
     def from_pretrained(cls, path: str | Path, base_model: str | Path | None = None, dtype=None, device=None,
                         compr_rate: int | None = None, training_stage: int | None = None) -> "Clara":
         """Load a CLaRa checkpoint: ours (clara_config.json) or an official released folder (config.json +
-        adapters.pth), or the train.py run folder holding one. `base_model` overrides where the base decoder is read from (an HF directory, or a
-        model preset name for checkpoints trained from a preset). A `compr_rate` that disagrees with the
-        checkpoint's is an error, never silently ignored (an official defect)."""
+        adapters.pth), or the train.py run folder holding one. `base_model` overrides where the base decoder
+        is read from (an HF directory). A `compr_rate` that disagrees with the checkpoint's is an error, never
+        silently ignored (an official defect)."""
         path = checkpoint_dir(path)  # a run folder means its checkpoint/; path.old after a killed swap
         if (path / "clara_config.json").exists():
             return _load_native(cls, path, base_model, dtype, device, compr_rate, training_stage)
@@ -768,9 +751,12 @@ class Clara(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 # Checkpoint integrity: content hashes, readable errors, the crash-safe directory swap
 
-# Everything Clara.from_pretrained raises for a bad or foreign folder is one of these, with a one-line message
-# that starts with the file it is about (a KeyError's str() adds quotes: print e.args[0]).
-LOAD_ERRORS = (OSError, ValueError, KeyError)
+# Everything a bad or foreign folder raises while loading (Clara.from_pretrained, and Transformer /
+# Tokenizer.from_pretrained that train.py calls on a base directly) is one of these, with a message that
+# starts with the file it is about: our loaders' deliberate ValueError, KeyError and FileNotFoundError, the
+# OS's, safetensors' for a damaged file. A command line prints error_line(e). SAVE_ERRORS: writing.
+LOAD_ERRORS = (OSError, ValueError, KeyError, SafetensorError)
+SAVE_ERRORS = (OSError, SafetensorError)
 _HASHES: dict = {}  # (path, size, mtime) -> sha256 of large files: a 14 GB base is hashed once per process
 
 
@@ -821,10 +807,11 @@ def _read_json(file: Path) -> dict:
 
 
 def error_line(e: BaseException) -> str:
-    """The first line of an exception's message (library errors can span lines), without the quotes a
-    KeyError adds: what a command line prints for one of LOAD_ERRORS."""
+    """An exception's message as the one line a command line prints: its first line (library errors can
+    span lines, torch's with a C++ backtrace), whitespace collapsed, without the quotes a KeyError adds;
+    the exception's type name if the message is empty."""
     text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-    return (text.strip().splitlines() or [type(e).__name__])[0]
+    return " ".join((text.strip().splitlines() or [""])[0].split()) or type(e).__name__
 
 
 def _check_hashes(where: Path, recorded, what: str, hint: str):
@@ -884,7 +871,6 @@ def _check_rate(cfg: ClaraConfig, compr_rate, path):
 
 
 def _load_native(cls, path, base_model, dtype, device, compr_rate, training_stage):
-    from safetensors import SafetensorError
     from safetensors.torch import load_file
     conf = path / "clara_config.json"
     meta = _read_json(conf)
@@ -924,11 +910,7 @@ def _load_native(cls, path, base_model, dtype, device, compr_rate, training_stag
                   "on (pass base_model=the original)")
     tok = Tokenizer.from_pretrained(path)
     tok.token_id("<MEM0>")  # a checkpoint's tokenizer must carry CLaRa's tokens (clear KeyError otherwise)
-    try:
-        model = Transformer.from_pretrained(base, dtype=dtype, device=device)
-    except SafetensorError as e:
-        raise ValueError(f"{base}: a weight file cannot be read ({error_line(e)})") from None
-    clara = cls(model, tok, cfg, base_path=str(base))
+    clara = cls(_base_model(base, dtype, device), tok, cfg, base_path=str(base))
     clara.base_carried = base == path / "base"
     clara.base_sha256 = base_sha if isinstance(base_sha, dict) else None
     for a in meta["adapters"]:
@@ -977,9 +959,7 @@ def _assign_state(clara: Clara, sd: dict, where, adapters, required=()):
 
 # The official released folders (docs/method.md#checkpoints).
 OFFICIAL_ADAPTERS = {"encoder_adapter": "encoder", "decoder_adapter": "decoder", "query_reasoner_adapter": "query"}
-OFFICIAL_PROJ = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
-                 "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
-                 "mlp.gate_proj": "mlp.gate", "mlp.up_proj": "mlp.up", "mlp.down_proj": "mlp.down"}
+OFFICIAL_PROJ = {hf: ours for ours, hf in HF_PROJ.items()}  # the official (HF) module name -> ours
 OFFICIAL_STAGE = {"stage1": 1, "stage1_2": 2, "stage2": 3}
 
 
@@ -994,6 +974,14 @@ def official_key(key: str, adapter: str) -> str | None:
     if proj not in OFFICIAL_PROJ or ab not in ("lora_A", "lora_B"):
         return None
     return f"layers.{layer}.{OFFICIAL_PROJ[proj]}.{ab}.{adapter}"
+
+
+def _base_model(base: Path, dtype, device) -> Transformer:
+    """The base decoder a checkpoint names; a damaged weight file is a ValueError naming the folder."""
+    try:
+        return Transformer.from_pretrained(base, dtype=dtype, device=device)
+    except SafetensorError as e:
+        raise ValueError(f"{base}: a weight file cannot be read ({error_line(e)})") from None
 
 
 def _torch_file(file: Path):
@@ -1051,12 +1039,7 @@ def _load_official(cls, path, base_model, dtype, device, compr_rate):
         if not isinstance(first_last.get(key), torch.Tensor):
             raise KeyError(f"{path / 'decoder_first_last_layers.pth'}: no tensor {key!r}")
     tok = Tokenizer.from_pretrained(path if (path / "tokenizer.json").exists() else base)
-    from safetensors import SafetensorError
-    try:
-        model = Transformer.from_pretrained(base, dtype=dtype, device=device)
-    except SafetensorError as e:
-        raise ValueError(f"{base}: a weight file cannot be read ({error_line(e)})") from None
-    clara = cls(model, tok, cfg, base_path=str(base))
+    clara = cls(_base_model(base, dtype, device), tok, cfg, base_path=str(base))
     sd = {}
     for off_name, tensors in adapters.items():
         name = OFFICIAL_ADAPTERS.get(off_name)

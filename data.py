@@ -5,7 +5,9 @@ Two sections, top to bottom:
     Prompt, ChatFormat, Tokenizer, left_pad      the model's conventions and chat format, text that stays text,
     train_tokenizer                              padding, a tiny BPE
     validate_record, JsonlDataset, batches       the official JSONL formats (docs/method.md#data-formats), checked
-                                                 record by record and streamed in a resumable, sharded order
+                                                 record by record and streamed in a resumable, sharded order;
+    loads_record, question_and_docs, positives   the one reader of a line and of the shared fields, which
+                                                 eval.py's evaluation files go through as well
 
 Command line: `python data.py check --stage S FILE...` validates files. The CPU lab's synthetic corpus
 generator (and the shipped sample data/sample, which it writes) is lab/synth.py, not part of the method.
@@ -377,7 +379,7 @@ def train_tokenizer(texts, vocab_size: int = 1000, split_punctuation: bool = Fal
     prompt+answer tokens. The printable ASCII alphabet is always included, so nothing maps to <unk>.
     split_punctuation=True also makes every punctuation mark its own piece, so that "Selford." in a
     document and the answer "Selford" share the token "▁Selford": a tiny model then learns to answer by
-    copying a token instead of learning a token-to-token mapping (train.py --stage 0 uses it).
+    copying a token instead of learning a token-to-token mapping (lab/pretrain.py uses it).
     """
     from tokenizers import decoders, models, pre_tokenizers, trainers
     tok = HFTokenizer(models.BPE(unk_token="<unk>"))
@@ -406,10 +408,16 @@ DOC_KEYS = ("docs", "context", "content")  # the official loader's fallbacks, in
 
 
 class DataError(ValueError):
-    """A record that does not follow the format of its stage; the message starts with `path:line`."""
+    """A record that does not follow its format. The message is "{where}: {reason}{detail}": `where` is the
+    record's path:line, `reason` the kind of problem without this record's particulars (eval.py counts the
+    records it skips by reason), `detail` the rest."""
+
+    def __init__(self, where: str, reason: str, detail: str = ""):
+        super().__init__(f"{where}: {reason}{detail}")
+        self.where, self.reason = where, reason
 
 
-def _found(x) -> str:
+def json_type(x) -> str:
     """The JSON type of a value, for error messages ("found a string")."""
     if isinstance(x, bool):  # before int: bool is an int subclass
         return "a boolean"
@@ -421,38 +429,55 @@ def _str_list(obj: dict, key: str, where: str, what: str) -> list[str]:
     """obj[key] as a list of non-empty strings; a bare string is the classic mistake, named as such."""
     value = obj[key]
     if isinstance(value, str):
-        raise DataError(f"{where}: field '{key}': expected a list of {what}s, found a string (the official "
-                        f"loader would iterate it character by character); write [\"...\"]")
+        raise DataError(where, f"field '{key}': expected a list of {what}s", ", found a string (the official "
+                        "loader would iterate it character by character); write [\"...\"]")
     if not isinstance(value, list):
-        raise DataError(f"{where}: field '{key}': expected a list of {what}s, found {_found(value)}")
+        raise DataError(where, f"field '{key}': expected a list of {what}s", f", found {json_type(value)}")
     for i, x in enumerate(value):
-        if not isinstance(x, str):
-            raise DataError(f"{where}: field '{key}[{i}]': expected a {what} string, found {_found(x)}")
-        if not x.strip():
-            raise DataError(f"{where}: field '{key}[{i}]': empty {what} (the string is empty or only whitespace)")
+        _text(x, f"{key}[{i}]", where, what)
+    return value
+
+
+def _text(value, field: str, where: str, what: str) -> str:
+    """value as a non-empty string; `field` names it in the message ("answer", "docs[2]")."""
+    if not isinstance(value, str):
+        raise DataError(where, f"field '{field}': expected a {what} string", f", found {json_type(value)}")
+    if not value.strip():
+        raise DataError(where, f"field '{field}': empty {what}", " (the string is empty or only whitespace)")
     return value
 
 
 def _nonempty_str(obj: dict, key: str, where: str, what: str) -> str:
-    value = obj[key]
-    if not isinstance(value, str):
-        raise DataError(f"{where}: field '{key}': expected a {what} string, found {_found(value)}")
-    if not value.strip():
-        raise DataError(f"{where}: field '{key}': empty {what} (the string is empty or only whitespace)")
-    return value
+    return _text(obj[key], key, where, what)
 
 
-def _docs(obj: dict, stage: int, where: str) -> list[str]:
+def _object(obj, where: str) -> dict:
+    if not isinstance(obj, dict):
+        raise DataError(where, "expected a JSON object per line", f", found {json_type(obj)}")
+    return obj
+
+
+def _docs(obj: dict, stage: int | None, where: str) -> list[str]:
     key = next((k for k in DOC_KEYS if k in obj), None)
     if key is None:
-        raise DataError(f"{where}: missing field 'docs' (also accepted: 'context', 'content'); "
-                        f"the record has {sorted(obj)}")
+        raise DataError(where, "missing field 'docs'", f" (also accepted: 'context', 'content'); the record has "
+                        f"{sorted(obj)}")
     docs = _str_list(obj, key, where, "document")
     if not docs:
-        raise DataError(f"{where}: field '{key}': empty list, expected at least one document")
+        raise DataError(where, "empty candidate list", f" (field '{key}' is [], expected at least one document)")
     if stage == 1 and len(docs) != 1:
-        raise DataError(f"{where}: field '{key}': stage 1 takes exactly one document per record, found {len(docs)}")
+        raise DataError(where, f"field '{key}': stage 1 takes exactly one document per record", f", found {len(docs)}")
     return docs
+
+
+def question_and_docs(obj, where: str) -> tuple[str, list[str]]:
+    """The fields every question record shares, checked: the record is an object, its documents (`docs`, else
+    `context`, else `content`) a non-empty list of non-empty strings, its `question` a non-empty string.
+    Stages 2 and 3 (validate_record) and eval.py's evaluation files read these two fields through here."""
+    docs = _docs(_object(obj, where), None, where)
+    if "question" not in obj:
+        raise DataError(where, "missing field 'question'", " (a string)")
+    return _nonempty_str(obj, "question", where, "question"), docs
 
 
 def _answer(obj: dict, where: str) -> str:
@@ -467,34 +492,36 @@ def _answer(obj: dict, where: str) -> str:
         if key in obj:
             answers = _str_list(obj, key, where, "answer")
             if not answers:
-                raise DataError(f"{where}: field '{key}': empty list, expected at least one answer")
+                raise DataError(where, f"field '{key}': empty list", ", expected at least one answer")
             return answers[0]
     if "gold_answer" in obj:
         if isinstance(obj["gold_answer"], list):
             answers = _str_list(obj, "gold_answer", where, "answer")
             if not answers:
-                raise DataError(f"{where}: field 'gold_answer': empty list, expected at least one answer")
+                raise DataError(where, "field 'gold_answer': empty list", ", expected at least one answer")
             return answers[0]
         return _nonempty_str(obj, "gold_answer", where, "answer")
-    raise DataError(f"{where}: missing field 'answer' (also accepted: 'answers', 'golden_answers', "
+    raise DataError(where, "missing field 'answer'", " (also accepted: 'answers', 'golden_answers', "
                     f"'gold_answer'); the record has {sorted(obj)}")
 
 
-def _pos_index(obj: dict, n_docs: int, where: str) -> list[int] | None:
-    """Indices of the documents that hold the answer (stage 3; only used to log retrieval recall)."""
+def positives(obj: dict, n_docs: int, where: str) -> list[int] | None:
+    """`pos_index`, the indices of the documents that hold the answer (None when absent): distinct ints in
+    0..n_docs-1. Stage 3 logs recall@k with it (the warm-up trains on it); eval.py scores recall@k."""
     value = obj.get("pos_index")
     if value is None:
         return None
     if not isinstance(value, list):
-        raise DataError(f"{where}: field 'pos_index': expected a list of document indices, found {_found(value)}")
+        raise DataError(where, "field 'pos_index': expected a list of document indices", f", found {json_type(value)}")
     for i, p in enumerate(value):
         if isinstance(p, bool) or not isinstance(p, int):
-            raise DataError(f"{where}: field 'pos_index[{i}]': expected an integer index, found {_found(p)} {p!r}")
+            raise DataError(where, f"field 'pos_index[{i}]': expected an integer index",
+                            f", found {json_type(p)} {p!r}")
         if not 0 <= p < n_docs:
-            raise DataError(f"{where}: field 'pos_index[{i}]': index {p} is out of range for {n_docs} documents "
+            raise DataError(where, f"field 'pos_index[{i}]': index {p} is out of range", f" for {n_docs} documents "
                             f"(0-based, expected 0..{n_docs - 1})")
     if len(set(value)) != len(value):
-        raise DataError(f"{where}: field 'pos_index': repeated index in {value}")
+        raise DataError(where, "field 'pos_index': repeated index", f" in {value}")
     return value
 
 
@@ -509,37 +536,33 @@ def validate_record(obj, stage: int, where: str) -> dict:
     """
     if stage not in STAGE_KEYS:
         raise ValueError(f"stage must be 1, 2 or 3, got {stage!r}")
-    if not isinstance(obj, dict):
-        raise DataError(f"{where}: expected a JSON object per line, found {_found(obj)}")
-    docs = _docs(obj, stage, where)
-    if stage == 1:
-        if "data_type" not in obj:
-            raise DataError(f"{where}: missing field 'data_type' (\"qa\" or \"paraphrase\")")
-        kind = obj["data_type"]
-        if kind not in ("qa", "paraphrase"):
-            raise DataError(f"{where}: field 'data_type': expected \"qa\" or \"paraphrase\", found {kind!r}")
-        if "answers" not in obj:
-            raise DataError(f"{where}: missing field 'answers' (a list of strings)")
-        answers = _str_list(obj, "answers", where, "answer")
-        if kind == "paraphrase":
-            if not answers:
-                raise DataError(f"{where}: field 'answers': empty list, a paraphrase record needs answers[0]")
-            return {"data_type": kind, "question": [], "answers": answers, "docs": docs, "_where": where}
-        if "question" not in obj:
-            raise DataError(f"{where}: missing field 'question' (a list of strings, one per answer)")
-        questions = _str_list(obj, "question", where, "question")
-        if len(questions) != len(answers) or not questions:
-            raise DataError(f"{where}: fields 'question' and 'answers': a qa record needs lists of the same "
-                            f"length >= 1, found {len(questions)} questions and {len(answers)} answers")
-        return {"data_type": kind, "question": questions, "answers": answers, "docs": docs, "_where": where}
+    if stage != 1:
+        question, docs = question_and_docs(obj, where)
+        record = {"question": question, "docs": docs, "answer": _answer(obj, where)}
+        if stage == 3:
+            record["pos_index"] = positives(obj, len(docs), where)
+        record["_where"] = where
+        return record
+    docs = _docs(_object(obj, where), stage, where)
+    if "data_type" not in obj:
+        raise DataError(where, "missing field 'data_type'", " (\"qa\" or \"paraphrase\")")
+    kind = obj["data_type"]
+    if kind not in ("qa", "paraphrase"):
+        raise DataError(where, "field 'data_type': expected \"qa\" or \"paraphrase\"", f", found {kind!r}")
+    if "answers" not in obj:
+        raise DataError(where, "missing field 'answers'", " (a list of strings)")
+    answers = _str_list(obj, "answers", where, "answer")
+    if kind == "paraphrase":
+        if not answers:
+            raise DataError(where, "field 'answers': empty list", ", a paraphrase record needs answers[0]")
+        return {"data_type": kind, "question": [], "answers": answers, "docs": docs, "_where": where}
     if "question" not in obj:
-        raise DataError(f"{where}: missing field 'question' (a string)")
-    record = {"question": _nonempty_str(obj, "question", where, "question"), "docs": docs,
-              "answer": _answer(obj, where)}
-    if stage == 3:
-        record["pos_index"] = _pos_index(obj, len(docs), where)
-    record["_where"] = where
-    return record
+        raise DataError(where, "missing field 'question'", " (a list of strings, one per answer)")
+    questions = _str_list(obj, "question", where, "question")
+    if len(questions) != len(answers) or not questions:
+        raise DataError(where, "fields 'question' and 'answers': a qa record needs lists of the same length >= 1",
+                        f", found {len(questions)} questions and {len(answers)} answers")
+    return {"data_type": kind, "question": questions, "answers": answers, "docs": docs, "_where": where}
 
 
 def _unique_keys(where: str):
@@ -548,7 +571,7 @@ def _unique_keys(where: str):
         obj = {}
         for k, v in pairs:
             if k in obj:
-                raise DataError(f"{where}: duplicate key {k!r} in a JSON object (json.loads would keep only the "
+                raise DataError(where, "duplicate key", f" {k!r} in a JSON object (json.loads would keep only the "
                                 "last value)")
             obj[k] = v
         return obj
@@ -562,16 +585,16 @@ def loads_record(line: bytes | str, where: str):
         try:
             line = line.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise DataError(f"{where}: not valid UTF-8 ({e})") from None
+            raise DataError(where, "not valid UTF-8", f" ({e})") from None
     try:
         obj = json.loads(line, object_pairs_hook=_unique_keys(where))
     except json.JSONDecodeError as e:
-        raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+        raise DataError(where, "not valid JSON", f" ({e.msg} at column {e.colno})") from None
     except RecursionError:
-        raise DataError(f"{where}: JSON nested too deeply to read") from None
+        raise DataError(where, "JSON nested too deeply to read") from None
     bad = lone_surrogate(obj, line)
-    if bad:
-        raise DataError(f"{where}: a string holds the escape {bad}, half of a UTF-16 surrogate pair: not text")
+    if bad:  # json.loads accepts it, but the string cannot be encoded (nor tokenised)
+        raise DataError(where, "not valid text", f" (the escape {bad} is half of a UTF-16 surrogate pair)")
     return obj
 
 
@@ -716,7 +739,7 @@ def batches(dataset: JsonlDataset, batch_size: int, epoch: int, seed: int, rank:
     batch = []
     for r in dataset.records(epoch, seed, rank, world, start=start_batch * batch_size):
         if batch and len(r["docs"]) != len(batch[0]["docs"]):
-            raise DataError(f"{r['_where']}: field 'docs': {len(r['docs'])} documents, but {batch[0]['_where']} "
+            raise DataError(r["_where"], "field 'docs'", f": {len(r['docs'])} documents, but {batch[0]['_where']} "
                             f"in the same batch has {len(batch[0]['docs'])}; every record of a batch needs the "
                             f"same number of documents (split the data by document count)")
         batch.append(r)

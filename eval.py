@@ -6,7 +6,7 @@
                    --data musique.jsonl --mode retrieval compressed --device cuda
 
 What is here, top to bottom:
-  metrics       normalize_answer, exact_match, f1_score, cover_em, recall_at_k, precision_at_k
+  metrics       normalize_answer, exact_match, f1_score, cover_em; recall_at_k, precision_at_k (topk.py's)
   reading       read_eval_file: official evaluation JSONL, every record checked, all gold aliases kept
   the modes     run_batch: one batch of questions in one mode, timed phase by phase
   reports       aggregate, the per-item JSONL, summary.json, markdown tables in the paper's layout
@@ -30,9 +30,10 @@ else `content`); the gold answers in `golden_answers`, else `gold_answer`, else 
 documents that hold the answer). The explicit gold fields come first because in the stage-2 format
 `answer` is a teacher's answer and `gold_answer` the reference. Two kinds of problems:
   malformed     not JSON (or a key given twice, a lone surrogate escape), a missing field, documents that
-                are not a list of strings, an empty candidate list, pos_index out of range: an error
-                naming file:line, before the model is loaded
-                (--skip-malformed skips and reports them instead).
+                are not a list of non-empty strings, an empty candidate list, a pos_index that is not a list
+                of distinct indices in range: an error naming file:line (and the field), before the model is
+                loaded (--skip-malformed skips and reports them instead). These are the checks of the
+                training files (data.loads_record, data.question_and_docs, data.positives).
   unscorable    well formed, but this mode cannot score it: no gold answer, or fewer than k documents.
                 Skipped, and reported per data set and mode (count per reason and the first file:line
                 of each). If no record of a data set is left for a mode, that is an error.
@@ -91,14 +92,14 @@ from collections import Counter
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
-from typing import Hashable, Iterable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from clara import LOAD_ERRORS, Clara, build_prompt, checkpoint_dir, error_line, text_prompt
-from data import DataError, lone_surrogate
-from topk import topk_select
+from data import DataError, json_type, loads_record, positives, question_and_docs
+from topk import precision_at_k, recall_at_k, topk_select
 
 # ---- metrics ----------------------------------------------------------------------------------------
 
@@ -192,119 +193,38 @@ def cover_em(prediction: str, golds: str | Sequence[str], first_only: bool = Fal
     return _best(_cover_one, prediction, golds, first_only)
 
 
-def _retrieval_hits(retrieved: Sequence[Hashable], positives: Iterable[Hashable], k: int) -> tuple[int, set]:
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"eval.py: k must be an int >= 1, got {k!r}")
-    # Tensors and arrays of ids arrive here too; .tolist() turns them into hashable Python ints.
-    retrieved = retrieved.tolist() if hasattr(retrieved, "tolist") else list(retrieved)
-    positives = set(positives.tolist() if hasattr(positives, "tolist") else positives)
-    # A document retrieved twice within the top k counts once.
-    return len(set(retrieved[:k]) & positives), positives
-
-
-def recall_at_k(retrieved: Sequence[Hashable], positives: Iterable[Hashable], k: int) -> float:
-    """|set(retrieved[:k]) ∩ positives| / |positives|; retrieved is ranked best first.
-
-    Raises on an empty positive set (recall is undefined): the caller decides whether such questions are
-    skipped or counted, and says so.
-    """
-    hits, positives = _retrieval_hits(retrieved, positives, k)
-    if not positives:
-        raise ValueError("eval.py recall_at_k: positives is empty, so recall is undefined; "
-                         "skip questions without a positive document")
-    return hits / len(positives)
-
-
-def precision_at_k(retrieved: Sequence[Hashable], positives: Iterable[Hashable], k: int) -> float:
-    """hits / k with hits = |set(retrieved[:k]) ∩ positives|.
-
-    The denominator is k even when fewer than k documents were retrieved (a missing slot is a miss).
-    Raises on an empty positive set, like recall_at_k, so that both are averaged over the same questions.
-    """
-    hits, positives = _retrieval_hits(retrieved, positives, k)
-    if not positives:
-        raise ValueError("eval.py precision_at_k: positives is empty; "
-                         "skip questions without a positive document")
-    return hits / k
-
-
 # ---- reading the evaluation files ---------------------------------------------------------------------
 
-DOC_KEYS = ("docs", "context", "content")                            # the official loader's order
 GOLD_KEYS = ("golden_answers", "gold_answer", "answers", "answer")   # explicit gold fields first (docstring)
-
-
-class RecordError(DataError):
-    """A record that cannot be evaluated. `reason` names the kind of problem (for the counts); the message
-    starts with the record's file:line."""
-
-    def __init__(self, where: str, reason: str, detail: str = ""):
-        super().__init__(f"{where}: {reason}{detail}")
-        self.where, self.reason = where, reason
-
-
-def _type_name(x) -> str:
-    return "null" if x is None else {str: "a string", list: "a list", dict: "an object", bool: "a boolean",
-                                     int: "a number", float: "a number"}.get(type(x), type(x).__name__)
 
 
 def parse_eval_record(obj, where: str) -> dict:
     """One parsed JSON record -> {"where", "question", "docs", "golds", "gold_field", "pos_index"}.
 
-    Raises RecordError for a malformed record. An empty gold list is NOT malformed (the record is then
-    unscorable and skipped): golds are the non-blank aliases, numbers and booleans written as text.
+    The question, the documents and pos_index are read and checked as in training (data.question_and_docs,
+    data.positives); the gold answers are eval's own (GOLD_KEYS). Raises DataError for a malformed record.
+    An empty gold list is NOT malformed (the record is then unscorable and skipped): golds are the non-blank
+    aliases, numbers and booleans written as text.
     """
-    if not isinstance(obj, dict):
-        raise RecordError(where, "not a JSON object", f" (found {_type_name(obj)})")
-    if "question" not in obj:
-        raise RecordError(where, "missing field 'question'", f"; the record has {sorted(obj)}")
-    question = obj["question"]
-    if not isinstance(question, str) or not question.strip():
-        raise RecordError(where, "field 'question' is not a non-empty string", f" (found {_type_name(question)})")
-    key = next((k for k in DOC_KEYS if k in obj), None)
-    if key is None:
-        raise RecordError(where, "missing field 'docs'", f" (also accepted: 'context', 'content'); the record has "
-                          f"{sorted(obj)}")
-    docs = obj[key]
-    if not isinstance(docs, list) or not all(isinstance(d, str) for d in docs):
-        bad = docs if not isinstance(docs, list) else next(d for d in docs if not isinstance(d, str))
-        raise RecordError(where, "documents are not a list of strings", f": field '{key}' holds {_type_name(bad)}")
-    if not docs:
-        raise RecordError(where, "empty candidate list", f" (field '{key}' is [])")
+    question, docs = question_and_docs(obj, where)
     gold_key = next((k for k in GOLD_KEYS if k in obj), None)
     if gold_key is None:
-        raise RecordError(where, "missing gold answer field", f" (expected one of {list(GOLD_KEYS)}); the record "
-                          f"has {sorted(obj)}")
+        raise DataError(where, "missing gold answer field", f" (expected one of {list(GOLD_KEYS)}); the record "
+                        f"has {sorted(obj)}")
     golds = obj[gold_key] if isinstance(obj[gold_key], list) else [obj[gold_key]]
     for g in golds:
         if not isinstance(g, (str, int, float)):  # bool is an int: "True" then normalises to "yes"
-            raise RecordError(where, "gold answer is not a string", f": field '{gold_key}' holds {_type_name(g)}")
+            raise DataError(where, "gold answer is not a string", f": field '{gold_key}' holds {json_type(g)}")
     golds = [str(g) for g in golds if str(g).strip()]
-    pos = obj.get("pos_index")
-    if pos is not None:
-        pos = [pos] if isinstance(pos, int) and not isinstance(pos, bool) else pos
-        if not isinstance(pos, list) or any(isinstance(p, bool) or not isinstance(p, int) for p in pos):
-            raise RecordError(where, "pos_index is not a list of integers", f" (found {pos!r})")
-        out = [p for p in pos if not 0 <= p < len(docs)]
-        if out:
-            raise RecordError(where, "pos_index out of range", f": index {out[0]} for {len(docs)} candidates "
-                              f"(0-based, expected 0..{len(docs) - 1})")
     return {"where": where, "question": question, "docs": docs, "golds": golds, "gold_field": gold_key,
-            "pos_index": pos}
+            "pos_index": positives(obj, len(docs), where)}
 
 
-def _unique_keys(where: str, pairs):
-    """json object_pairs_hook: a key given twice in one object is malformed (json keeps the last silently)."""
-    obj = {}
-    for k, v in pairs:
-        if k in obj:
-            raise RecordError(where, "duplicate key", f" {k!r} in a JSON object (only one value can be right)")
-        obj[k] = v
-    return obj
+def read_eval_file(path: str | Path, limit: int | None = None) -> tuple[list[dict], list[DataError]]:
+    """Records of one JSONL file (the first `limit` non-blank lines) -> (good records, malformed ones).
 
-
-def read_eval_file(path: str | Path, limit: int | None = None) -> tuple[list[dict], list[RecordError]]:
-    """Records of one JSONL file (the first `limit` non-blank lines) -> (good records, malformed ones)."""
+    Each line is parsed by data.loads_record, the reader of the training files: valid UTF-8 and JSON, no key
+    given twice, no lone surrogate escape."""
     path = Path(path)
     if path.is_dir():
         raise FileNotFoundError(f"{path}: is a directory, not an evaluation data file (JSONL)")
@@ -321,34 +241,22 @@ def read_eval_file(path: str | Path, limit: int | None = None) -> tuple[list[dic
             n += 1
             where = f"{path}:{lineno}"
             try:
-                text = raw.decode("utf-8")
-                obj = json.loads(text, object_pairs_hook=partial(_unique_keys, where))
-                surrogate = lone_surrogate(obj, text)
-                if surrogate:
-                    raise RecordError(where, "not valid text", f" (the escape {surrogate} is half of a UTF-16 "
-                                      "surrogate pair)")
-                records.append(parse_eval_record(obj, where))
-            except UnicodeDecodeError as e:
-                bad.append(RecordError(where, "not valid UTF-8", f" ({e})"))
-            except json.JSONDecodeError as e:
-                bad.append(RecordError(where, "not valid JSON", f" ({e.msg} at column {e.colno})"))
-            except RecursionError:
-                bad.append(RecordError(where, "not valid JSON", " (nested too deeply to read)"))
-            except RecordError as e:
+                records.append(parse_eval_record(loads_record(raw, where), where))
+            except DataError as e:
                 bad.append(e)
     return records, bad
 
 
-def unscorable(record: dict, mode: str, k: int) -> RecordError | None:
+def unscorable(record: dict, mode: str, k: int) -> DataError | None:
     """Why a well-formed record cannot be scored in `mode` with k documents (None if it can)."""
     if not record["golds"]:
-        return RecordError(record["where"], "no gold answer", " (the gold list is empty or blank)")
+        return DataError(record["where"], "no gold answer", " (the gold list is empty or blank)")
     if mode != "closed_book" and len(record["docs"]) < k:
-        return RecordError(record["where"], f"fewer than k={k} documents", f" ({len(record['docs'])})")
+        return DataError(record["where"], f"fewer than k={k} documents", f" ({len(record['docs'])})")
     return None
 
 
-def skip_report(errors: list[RecordError], examples: int = 3) -> dict:
+def skip_report(errors: list[DataError], examples: int = 3) -> dict:
     """{reason: {"count", "examples": first few messages}} for summary.json and the printed note."""
     out = {}
     for e in errors:

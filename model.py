@@ -23,7 +23,7 @@ Hugging Face checkpoint keys, so loading is a pure rename: the rotate-half RoPE 
 no q/k permutation is needed.
 
 Shape legend: B batch, T query tokens, S key tokens (cache included), H hidden size, Hq query heads,
-Hkv key/value heads, D head dim, V vocabulary, R LoRA rank.
+Hkv key/value heads, D head dim, V vocabulary, R LoRA rank, N real (unpadded) tokens of a packed batch.
 """
 from __future__ import annotations
 
@@ -174,9 +174,6 @@ PRESETS = {
     # Trains on a laptop CPU in seconds; vocab_size is normally overridden by the tokenizer's size.
     "tiny": dict(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
                  intermediate_size=176, norm_eps=1e-5, rope_theta=10000.0, dtype="float32"),
-    # Twice as wide; in the lab probe's figures (BENCHMARKS.md), not used by the lab itself.
-    "small": dict(vocab_size=512, dim=128, n_layers=2, n_heads=4, n_kv_heads=4, head_dim=32,
-                  intermediate_size=384, norm_eps=1e-5, rope_theta=10000.0, dtype="float32"),
     # Mistral-7B-Instruct-v0.2 (the CLaRa base model).
     "mistral-7b": dict(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
                        intermediate_size=14336, norm_eps=1e-5, rope_theta=1e6, sliding_window=None,
@@ -296,7 +293,7 @@ class _LoRAFunction(torch.autograd.Function):
             if need[0]:
                 gh = gz @ A  # (..., in)
                 gx = g @ W + (gh if noise is None else gh * noise).to(x.dtype)
-        if need[1]:  # the base trains too (the CPU lab's train_base)
+        if need[1]:  # a base weight that requires grad (CLaRa's base is frozen; the layer allows it)
             gW = g.flatten(0, -2).T @ x.flatten(0, -2)
         if need[2] and ctx.has_bias:
             gb = g.flatten(0, -2).sum(0)
@@ -315,9 +312,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # F.rms_norm without a weight is x * rsqrt(mean(x^2) + eps) in one call, the same fp32 operations
+        # (bit-identical) at a fraction of the per-call cost of six. The weight multiplies after the cast
+        # back, as HF does: F.rms_norm's own weight would multiply in fp32, which differs in bf16.
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None, device=None) -> torch.Tensor:
@@ -343,17 +341,21 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None, devi
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype,
                  scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotary angles, (B, 1, T, D), in HF's rotate-half layout (the two halves repeat)."""
+    """cos and signed sin of the rotary angles, (B, 1, T, D), in HF's rotate-half layout: cos is
+    [cos, cos] (the two halves repeat), the sine is [-sin, sin], the sign of rotate_half folded in (see
+    apply_rope)."""
     inv_freq = rope_inv_freq(head_dim, theta, scaling, positions.device)  # (D/2,)
     angles = positions.float()[..., None] * inv_freq  # (B, T, D/2)
-    angles = torch.cat([angles, angles], dim=-1)[:, None]  # (B, 1, T, D)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    return torch.cat([cos, cos], dim=-1)[:, None], torch.cat([-sin, sin], dim=-1)[:, None]  # (B, 1, T, D)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x_i, x_{i+D/2}) by the position's angle: x*cos + rotate_half(x)*sin."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+    """Rotate pairs (x_i, x_{i+D/2}) by the position's angle: HF's x*cos + rotate_half(x)*sin, where
+    rotate_half(x) = [-x2, x1]. With the sign in the sine ([-sin, sin], rope_cos_sin) it is
+    x*cos + [x2, x1]*[-sin, sin], and [x2, x1] is a roll by D/2: one op where split, neg and cat were
+    three, and the same bits ((-a)*b == a*(-b) exactly)."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 
 
 class Attention(nn.Module):
@@ -369,12 +371,18 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
 
-    def forward(self, x, cos, sin, key_mask, adapter, cache, layer):
-        B, T, _ = x.shape
+    def forward(self, x, cos, sin, key_mask, adapter, cache, layer, real=None):
+        """x (B, T, H), or packed (N, H) with real (B, T) bool saying where its rows sit (Transformer.forward's
+        skip_padding): the projections run on the real tokens only, attention on the padded layout."""
         D = self.cfg.head_dim
-        q = self.q_norm(self.wq(x, adapter).view(B, T, -1, D)).transpose(1, 2)  # (B, Hq, T, D)
-        k = self.k_norm(self.wk(x, adapter).view(B, T, -1, D)).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.wv(x, adapter).view(B, T, -1, D).transpose(1, 2)  # (B, Hkv, T, D)
+        q, k, v = self.wq(x, adapter), self.wk(x, adapter), self.wv(x, adapter)  # (B, T | N, Hq*D | Hkv*D)
+        if real is not None:  # (N, .) -> (B, T, .), zeros at the padding: masked keys, discarded queries
+            q, k, v = (_unpack(t, real) for t in (q, k, v))
+        B, T, _ = q.shape
+        q, k, v = q.view(B, T, -1, D), k.view(B, T, -1, D), v.view(B, T, -1, D)  # (B, T, Hq | Hkv, D)
+        if self.cfg.qk_norm:  # not a call of the Identity otherwise: module calls cost per decoded token
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, Hq | Hkv, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, Hkv, S, D), S = cached + T (decoding: see KVCache)
@@ -382,7 +390,13 @@ class Attention(nn.Module):
             y = kernels.decode_attention(q, k, v, key_mask)
         else:  # GQA: the kernel maps query head h to kv head h // (Hq / Hkv); K/V are never repeated here.
             y = kernels.attention(q, k, v, causal=True, key_padding_mask=key_mask, window=self.cfg.sliding_window)
-        return self.wo(y.transpose(1, 2).reshape(B, T, -1), adapter)  # (B, T, H)
+        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, Hq*D)
+        return self.wo(y if real is None else y[real], adapter)  # (B, T, H) or packed (N, H)
+
+
+def _unpack(t: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """Packed rows (N, F) of the True places of real (B, T), row after row -> (B, T, F), zeros elsewhere."""
+    return t.new_zeros(*real.shape, t.shape[-1]).index_put_((real,), t)
 
 
 class MLP(nn.Module):
@@ -425,31 +439,29 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, key_mask, adapter=None, cache=None, layer=0):
-        x = x + self.attention(self.attention_norm(x), cos, sin, key_mask, adapter, cache, layer)
-        return x + self.mlp(self.mlp_norm(x), adapter)
+    def forward(self, x, cos, sin, key_mask, adapter=None, cache=None, layer=0, real=None):
+        x = x + self.attention(self.attention_norm(x), cos, sin, key_mask, adapter, cache, layer, real)
+        return x + self.mlp(self.mlp_norm(x), adapter)  # norms and MLP act per token: packed or not
 
 
-# Our parameter name -> HF checkpoint key ("{}" is the layer index).
+# The linear layers (each a LoRALinear: the ones that carry adapters): our module name -> HF's. The source
+# of their HF_KEYS rows below and of the official adapter keys (clara.OFFICIAL_PROJ).
+HF_PROJ = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
+           "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
+           "mlp.gate": "mlp.gate_proj", "mlp.up": "mlp.up_proj", "mlp.down": "mlp.down_proj"}
+
+# Our parameter name -> HF checkpoint key ("{}" is the layer index). Attention biases: q/k/v in Qwen2 (and
+# with attention_bias), o only with attention_bias.
 HF_KEYS = {
     "tok_embeddings.weight": "model.embed_tokens.weight",
     "norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
     "layers.{}.attention_norm.weight": "model.layers.{}.input_layernorm.weight",
     "layers.{}.mlp_norm.weight": "model.layers.{}.post_attention_layernorm.weight",
-    "layers.{}.attention.wq.weight": "model.layers.{}.self_attn.q_proj.weight",
-    "layers.{}.attention.wk.weight": "model.layers.{}.self_attn.k_proj.weight",
-    "layers.{}.attention.wv.weight": "model.layers.{}.self_attn.v_proj.weight",
-    "layers.{}.attention.wo.weight": "model.layers.{}.self_attn.o_proj.weight",
-    "layers.{}.attention.wq.bias": "model.layers.{}.self_attn.q_proj.bias",  # Qwen2 (and attention_bias)
-    "layers.{}.attention.wk.bias": "model.layers.{}.self_attn.k_proj.bias",
-    "layers.{}.attention.wv.bias": "model.layers.{}.self_attn.v_proj.bias",
-    "layers.{}.attention.wo.bias": "model.layers.{}.self_attn.o_proj.bias",  # attention_bias only
     "layers.{}.attention.q_norm.weight": "model.layers.{}.self_attn.q_norm.weight",  # Qwen3
     "layers.{}.attention.k_norm.weight": "model.layers.{}.self_attn.k_norm.weight",
-    "layers.{}.mlp.gate.weight": "model.layers.{}.mlp.gate_proj.weight",
-    "layers.{}.mlp.up.weight": "model.layers.{}.mlp.up_proj.weight",
-    "layers.{}.mlp.down.weight": "model.layers.{}.mlp.down_proj.weight",
+    **{f"layers.{{}}.{ours}.{p}": f"model.layers.{{}}.{hf}.{p}" for ours, hf in HF_PROJ.items()
+       for p in (("weight", "bias") if ours.startswith("attention.") else ("weight",))},
 }
 
 
@@ -555,7 +567,7 @@ class Transformer(nn.Module):
     def save_pretrained(self, path: str | Path, state: dict | None = None, vocab_size: int | None = None):
         """Write the base weights as an HF directory (config.json + model.safetensors), LoRA excluded.
 
-        Used for models trained from a preset (the CPU lab): CLaRa checkpoints point at a base directory.
+        Used for bases trained from a preset (lab/pretrain.py): CLaRa checkpoints point at a base directory.
         """
         from safetensors.torch import save_file
         path = Path(path)
@@ -643,7 +655,7 @@ class Transformer(nn.Module):
     # -- forward ----------------------------------------------------------------------------------
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, adapter: str | None = None,
-                positions=None, cache: "KVCache | None" = None, output: str = "logits"):
+                positions=None, cache: "KVCache | None" = None, output: str = "logits", skip_padding: bool = False):
         """Run the decoder.
 
         input_ids (B, T) or inputs_embeds (B, T, H); attention_mask (B, T), 1 = token, 0 = (left) padding.
@@ -651,6 +663,9 @@ class Transformer(nn.Module):
         from the padded row's start or from its first real token gives the same attention scores).
         adapter: the one LoRA adapter active in this call, or None for the bare base model.
         output: "logits" -> (B, T, V) float; "hidden" -> final states after the last RMSNorm, (B, T, H).
+        skip_padding: run the projections and MLPs on the real tokens only (packed, N of them), not on the
+        padding too: the same numbers at the real positions, zeros at the padded ones (generate's prefill:
+        a left-padded batch of prompts of mixed lengths is mostly padding in its short rows).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
@@ -666,20 +681,23 @@ class Transformer(nn.Module):
             key_mask = attention_mask.bool()
             if bool(key_mask.all()):
                 key_mask = None  # nothing padded: let attention take its fast causal path
+        if output not in ("logits", "hidden"):
+            raise ValueError(f"output must be 'logits' or 'hidden', got {output!r}")
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype, self.cfg.rope_scaling)
+        real = None
+        if skip_padding and attention_mask is not None and not bool(attention_mask.bool().all()):
+            real = attention_mask.bool()  # (B, T)
+            x = x[real]  # (N, H): the real tokens, row after row (Attention unpacks them around attention)
         for i, layer in enumerate(self.layers):
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, key_mask, adapter, cache, i, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, key_mask, adapter, cache, i, real, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, key_mask, adapter, cache, i)
+                x = layer(x, cos, sin, key_mask, adapter, cache, i, real)
         if cache is not None:
             cache.length += T
-        h = self.norm(x)
-        if output == "hidden":
-            return h
-        if output != "logits":
-            raise ValueError(f"output must be 'logits' or 'hidden', got {output!r}")
-        return self.output(h).float()
+        h = self.norm(x)  # (B, T, H) or packed (N, H)
+        out = h if output == "hidden" else self.output(h).float()
+        return out if real is None else _unpack(out, real)  # (B, T, H | V)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -745,12 +763,15 @@ class KVCache:
           the buffer slot `slot`, a (1,) tensor, so the step has no Python integer that changes from
           token to token; compiled, it attends to the whole buffer with a mask that hides the slots not
           yet written and those outside the sliding window, eager, to a view of the visible slots.
-    Rows are left padded, so every row writes the same slot at every step."""
+    Rows are left padded, so every row writes the same slot at every step.
+    Each layer has its own buffers, not a slice of one (L, ...) tensor: torch.compile writes index_copy_
+    into a whole graph input in place, but into a view of one it copies the whole buffer (slots and
+    layers it does not touch included) at every step, which made compiled decoding slower than eager."""
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype):
-        shape = (cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.mask = torch.zeros(batch, max_len, device=device, dtype=torch.bool)
         self.length = 0  # tokens cached so far (same for every row: padding is on the left)
         self.window = cfg.sliding_window
@@ -762,7 +783,7 @@ class KVCache:
 
     @property
     def capacity(self) -> int:
-        return self.k.shape[3]
+        return self.k[0].shape[2]
 
     def reset(self):
         """Empty the cache for a new generation; the buffers are kept (their addresses too)."""
@@ -787,9 +808,10 @@ class KVCache:
         T = k.shape[2]
         if self.length + T > self.capacity:
             raise RuntimeError(f"KVCache: {self.length + T} tokens exceed its capacity {self.capacity}")
-        self.k[layer, :, :, self.length:self.length + T] = k
-        self.v[layer, :, :, self.length:self.length + T] = v
-        return self.k[layer, :, :, :self.length + T], self.v[layer, :, :, :self.length + T]
+        kc, vc = self.k[layer], self.v[layer]  # (B, Hkv, max_len, D)
+        kc[:, :, self.length:self.length + T] = k
+        vc[:, :, self.length:self.length + T] = v
+        return kc[:, :, :self.length + T], vc[:, :, :self.length + T]
 
     def begin_decoding(self, whole_buffer: bool):
         """Switch from prefill to one-token decoding at slot `length` (a tensor from now on)."""
@@ -845,7 +867,7 @@ def _static_cache(model, batch, capacity, device, dtype) -> KVCache:
     key = (batch, capacity, dtype, str(device))
     if key not in caches:
         caches[key] = cache = KVCache(model.cfg, batch, capacity, device, dtype)
-        for t in (cache.k, cache.v, cache.mask, cache.bias):
+        for t in (*cache.k, *cache.v, cache.mask, cache.bias):
             torch._dynamo.mark_static_address(t)
     caches[key].reset()
     return caches[key]
@@ -875,7 +897,8 @@ def generate(model: Transformer, input_ids=None, attention_mask=None, inputs_emb
     a negative id: no end token.
 
     Positions follow the attention mask (the first real token of each row is position 0), as Hugging
-    Face's generate does, so results match it for left-padded batches.
+    Face's generate does, so results match it for left-padded batches. The prefill skips the padding
+    (Transformer.forward's skip_padding): a short prompt in a batch with a long one costs its own tokens.
     compile=True runs the per-token step through torch.compile (CUDA graphs off the CPU) against a cache
     kept for the next call of the same shape: the first call pays the compile, later calls decode faster.
     """
@@ -895,7 +918,7 @@ def generate(model: Transformer, input_ids=None, attention_mask=None, inputs_emb
         cache, step = KVCache(model.cfg, B, T + max_new_tokens, device, dtype), decode_step
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
     h = model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-              adapter=adapter, positions=positions, cache=cache, output="hidden")
+              adapter=adapter, positions=positions, cache=cache, output="hidden", skip_padding=True)
     logits = model.output(h[:, -1]).float()  # (B, V): only the last position is needed
     # the rotary cos/sin of every decoding step, gathered once: (steps, B, 1, 1, D), one row per step
     steps = positions[:, -1:] + 1 + torch.arange(max(max_new_tokens - 1, 0), device=device)  # (B, steps)

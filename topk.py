@@ -7,6 +7,8 @@ What is here:
   soft_topk            the sequential softmax itself, no straight-through (an ablation: soft mixtures)
   ESTIMATORS           name -> function, so that training picks one with a flag
   topk_select          the one entry point training calls: (scores, k, tau, estimator, training)
+  recall_at_k, precision_at_k   of a ranked selection against the positives: the one definition that
+                       training logs (stage 3) and eval.py reports
 
 What is not here: the scores (cosine of query and document memories, clara.py) and the mixing of the
 selected documents (`einsum("bkn,bnd->bkd", W, D)`, also clara.py).
@@ -65,6 +67,8 @@ exactly 0 in the forward pass, so W is exactly 0/1 in any dtype, whereas (1 + p)
 to 1.
 """
 from __future__ import annotations
+
+from typing import Hashable, Iterable, Sequence
 
 import torch
 
@@ -196,3 +200,40 @@ def topk_select(scores: torch.Tensor, k: int, tau: float, estimator: str = "stra
     if estimator == "gumbel":
         return gumbel_topk(scores, k, tau, generator=generator)
     return ESTIMATORS[estimator](scores, k, tau)
+
+
+# ---- retrieval metrics of a selection (training logs them, eval.py reports them) ----------------------
+
+def _retrieval_hits(retrieved: Sequence[Hashable], positives: Iterable[Hashable], k: int,
+                    metric: str) -> tuple[int, set]:
+    """(|set(retrieved[:k]) ∩ positives|, the positives as a set); an empty positive set is an error."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"topk.py: k must be an int >= 1, got {k!r}")
+    # Tensors and arrays of ids arrive here too; .tolist() turns them into hashable Python ints.
+    retrieved = retrieved.tolist() if hasattr(retrieved, "tolist") else list(retrieved)
+    positives = set(positives.tolist() if hasattr(positives, "tolist") else positives)
+    if not positives:
+        raise ValueError(f"topk.py {metric}: positives is empty, so {metric} is undefined; "
+                         "skip questions without a positive document")
+    # A document retrieved twice within the top k counts once.
+    return len(set(retrieved[:k]) & positives), positives
+
+
+def recall_at_k(retrieved: Sequence[Hashable], positives: Iterable[Hashable], k: int) -> float:
+    """|set(retrieved[:k]) ∩ positives| / |positives|; retrieved is ranked best first.
+
+    Raises on an empty positive set (recall is undefined): the caller decides whether such questions are
+    skipped or counted, and says so.
+    """
+    hits, positives = _retrieval_hits(retrieved, positives, k, "recall_at_k")
+    return hits / len(positives)
+
+
+def precision_at_k(retrieved: Sequence[Hashable], positives: Iterable[Hashable], k: int) -> float:
+    """hits / k with hits = |set(retrieved[:k]) ∩ positives|.
+
+    The denominator is k even when fewer than k documents were retrieved (a missing slot is a miss).
+    Raises on an empty positive set, like recall_at_k, so that both are averaged over the same questions.
+    """
+    hits, _ = _retrieval_hits(retrieved, positives, k, "precision_at_k")
+    return hits / k

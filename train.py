@@ -1,15 +1,14 @@
-"""One training loop for CLaRa's three stages; the stage picks a preset, a loss and the trainable set.
+"""One training loop for CLaRa's three stages; the stage picks the defaults, a loss and the trainable set.
 
-    python train.py --stage 1                                  # tiny preset + sample data, CPU, minutes
+    python train.py --stage 1                                  # the shipped tiny base + sample data, CPU, minutes
     torchrun --nproc_per_node=8 train.py --stage 1 --model /models/Mistral-7B-Instruct-v0.2 --data pretrain.jsonl
     torchrun --nproc_per_node=8 train.py --stage 2 --init out/stage1/checkpoint --data instruct.jsonl
     torchrun --nproc_per_node=8 train.py --stage 3 --init out/stage2/checkpoint --data e2e.jsonl
     train.py --stage 3 --retrieval-warmup ...                  # optional: InfoNCE on pos_index, query alone
-    python train.py --stage 0 --data corpus.txt --out out/stage0   # CPU lab only: make a tiny base first
 
-Stage 0 is not part of CLaRa: the paper starts from a pretrained instruction model, while a preset starts
-from random weights. `--stage 0` trains the whole preset decoder as a plain language model on text and
-writes OUT/base, an HF directory that stages 1-3 then take as `--model` like any pretrained checkpoint.
+The base decoder is a pretrained HF directory and stays frozen (the method's setting). `--model tiny`, the
+embedded default, is the tiny base shipped in data/tiny (made by lab/pretrain.py from the sample data, see
+its provenance.json); a checkpoint trained from it carries it in `checkpoint/base/`, so it loads from anywhere.
 
 Distributed is detected from the environment (torchrun sets WORLD_SIZE): then FSDP2 shards every block and
 the root (`fully_shard`, MixedPrecisionPolicy: bf16 parameters, fp32 gradient reduction), NCCL on GPU and
@@ -28,11 +27,10 @@ resumed run ends with exactly the parameters of an uninterrupted one.
 Outputs in --out: `checkpoint/` (the CLaRa checkpoint: Clara.from_pretrained, eval.py), `resume/` (trainable
 state + optimizer state + data position: safetensors + JSON from one process, torch.distributed.checkpoint's
 sharded format + a manifest of sha256 from several ranks; see save_all), `metrics.jsonl`, `run.json` (the
-flags the run computes with: --resume restores them and refuses a change), and for a model built from a
-preset, `base/` (the base decoder and its tokenizer). Every directory is replaced atomically: a crash while
-saving leaves the previous one intact. metrics.jsonl is the curve of the checkpoint beside it: a fresh run
-replaces it at its first save (a --resume keeps the lines up to its step). An --out holding files this
-project did not write is refused unless --overwrite.
+flags the run computes with: --resume restores them and refuses a change). Every directory is replaced
+atomically: a crash while saving leaves the previous one intact. metrics.jsonl is the curve of the checkpoint
+beside it: a fresh run replaces it at its first save (a --resume keeps the lines up to its step). An --out
+holding files this project did not write is refused unless --overwrite.
 
 Expected errors (a bad flag, file, folder or record, non-finite weights, a full disk) end the command line
 with one line `train.py: error: ...` and exit 2, before anything in --out is changed or with what was saved
@@ -49,24 +47,23 @@ import shutil
 import sys
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from clara import (PROMPT_TEXTS, Batch, Clara, ClaraConfig, checkpoint_dir, complete_dir,
-                   replace_dir, text_prompt)
-from data import DataError, JsonlDataset, Tokenizer, batches, left_pad, train_tokenizer, validate_record
-from model import LoRAConfig, ModelConfig, PRESETS, Transformer
+from clara import (LOAD_ERRORS, SAVE_ERRORS, Batch, Clara, ClaraConfig, checkpoint_dir, complete_dir,
+                   error_line, replace_dir, weight_hashes)
+from data import DataError, JsonlDataset, Tokenizer, batches
+from model import LoRAConfig, ModelConfig, Transformer
+from topk import recall_at_k
 
 ROOT = Path(__file__).resolve().parent
+# `--model tiny`: the tiny pretrained base shipped with the repository (lab/pretrain.py on data/sample).
+TINY_BASE = ROOT / "data" / "tiny"
 
 # Official hyper-parameters (docs/method.md#stages); every one can be overridden on the command line.
 STAGES = {
-    # Stage 0 (plain LM pretraining of the base) has no official values: the paper starts from Mistral-7B.
-    0: dict(lr=1e-3, min_lr=1e-4, schedule="cosine", warmup=0.03, global_batch=32, micro_batch=8, max_len=512,
-            doc_len=256, compr_rate=32, top_k=1, tau=0.02, epochs=1, mse_weight=0.0),
     1: dict(lr=1e-4, min_lr=1e-5, schedule="cosine", warmup=0.03, global_batch=128, micro_batch=2, max_len=2048,
             doc_len=256, compr_rate=32, top_k=1, tau=0.02, epochs=1, mse_weight=0.1),
     2: dict(lr=1e-4, min_lr=1e-5, schedule="cosine", warmup=0.03, global_batch=128, micro_batch=2, max_len=2048,
@@ -74,7 +71,7 @@ STAGES = {
     3: dict(lr=5e-6, min_lr=5e-6, schedule="constant", warmup=0.0, global_batch=32, micro_batch=2, max_len=1024,
             doc_len=256, compr_rate=32, top_k=5, tau=0.02, epochs=1, mse_weight=0.0),
 }
-# The embedded default: a model preset (random weights) on the shipped sample data, sized for a laptop CPU.
+# The embedded default: the shipped tiny base (data/tiny) on the shipped sample data, sized for a laptop CPU.
 TINY = dict(lr=2e-3, min_lr=2e-4, warmup=0.05, global_batch=8, micro_batch=4, max_len=256, doc_len=64,
             compr_rate=8, top_k=2, epochs=10, lora_r=16, lora_alpha=32)
 
@@ -94,17 +91,17 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-LORA_DEFAULTS = dict(lora_r=16, lora_alpha=32.0, lora_dropout=0.1)  # every stage, official and preset
+LORA_DEFAULTS = dict(lora_r=16, lora_alpha=32.0, lora_dropout=0.1)  # every stage, official and tiny
 
 
 def stage_defaults(name: str) -> str:
-    """A hyper-parameter's real defaults for --help: per stage where they differ, and the preset's (TINY)."""
+    """A hyper-parameter's real defaults for --help: per stage where they differ, and the tiny base's (TINY)."""
     official = [(s, {**STAGES[s], **LORA_DEFAULTS}.get(name)) for s in (1, 2, 3)]
     values = {v for _, v in official}
     text = f"{official[0][1]}" if len(values) == 1 else ", ".join(f"stage {s} {v}" for s, v in official)
     tiny = {**LORA_DEFAULTS, **TINY}.get(name)
     if tiny is not None and tiny not in values | {None}:
-        text += f"; a preset model: {tiny}"
+        text += f"; --model tiny: {tiny}"
     return text
 
 
@@ -119,17 +116,16 @@ def make_parser() -> Parser:
     p = Parser(prog="train.py", description=__doc__.split("\n")[0], formatter_class=DefaultsFormatter)
     g = p.add_argument_group("what to train")
     g.add_argument("--stage", type=int, choices=(0, 1, 2, 3), required=True,
-                   help="1 compression pretraining, 2 instruction tuning, 3 end-to-end retrieval + generation; "
-                        "0 (not CLaRa) plain language-model pretraining of the base decoder on text")
-    g.add_argument("--model", default="tiny", help=f"HF model directory (Mistral/Llama) or a preset: {sorted(PRESETS)}; "
-                   "a fresh run's base (with --init the base is the checkpoint's)")
+                   help="1 compression pretraining, 2 instruction tuning, 3 end-to-end retrieval + generation "
+                        "(0, pretraining a base from random weights, is not CLaRa: python lab/pretrain.py)")
+    g.add_argument("--model", default="tiny", help="a fresh run's base: an HF model directory (Mistral/Llama/Qwen), or "
+                   "tiny: the tiny pretrained base shipped in data/tiny (with --init the base is the checkpoint's)")
     g.add_argument("--data", nargs="+", default=None, help="JSONL file(s) in the official format of the stage "
-                   "(default: data/sample/stage{N}.jsonl); stage 0 (required): text files, one text per line, "
-                   "or .jsonl files of {\"text\": ...} or of CLaRa records, read as raw-text QA (read_texts)")
+                   "(default: data/sample/stage{N}.jsonl)")
     g.add_argument("--out", default=None, help="output directory (default: out/stage{N}); a folder holding files "
                    "this project did not write is refused (see --overwrite)")
     g.add_argument("--overwrite", action="store_true", help="write into an --out that holds other files: they are "
-                   "kept, only this project's names (checkpoint/, resume/, base/, metrics.jsonl, run.json) are replaced")
+                   "kept, only this project's names (checkpoint/, resume/, metrics.jsonl, run.json) are replaced")
     g.add_argument("--init", default=None, help="previous stage's checkpoint (stage 2 from 1, stage 3 from 2), or "
                    "the run folder holding it; its base, LoRA rank, document length and compression rate carry over")
     g.add_argument("--base-model", default=None, help="with --init: the base decoder directory, overriding the one "
@@ -142,8 +138,8 @@ def make_parser() -> Parser:
                    "resume only from a folder your own runs wrote; a one-process resume folder holds no pickle, a "
                    "multi-rank one is torch.distributed.checkpoint's (its .metadata is a pickle) and is read only "
                    "after the sha256 of every file matches its manifest.json")
-    g = p.add_argument_group("hyper-parameters (default: the official value of the stage, or TINY for a preset "
-                             "model and the checkpoints trained from one; with --init, LoRA and document shape "
+    g = p.add_argument_group("hyper-parameters (default: the official value of the stage, or TINY for --model "
+                             "tiny and the checkpoints trained from it; with --init, LoRA and document shape "
                              "from the checkpoint)")
     for name, typ, hlp in [("lr", float, "peak learning rate"), ("min_lr", float, "final learning rate of the cosine"),
                            ("schedule", str, "cosine (warmup + cosine to min_lr) or constant"),
@@ -170,9 +166,6 @@ def make_parser() -> Parser:
                    "scores, supervised by every record's pos_index; its checkpoint can --init a stage-3 run")
     g.add_argument("--topk-estimator", default="straight_through", choices=("straight_through", "gumbel", "soft"),
                    help="stage 3 top-k gradient estimator (topk.py)")
-    g.add_argument("--train-base", type=int, choices=(0, 1), default=None,
-                   help="also train every base weight (default: 1 for a preset model from random weights, 0 for "
-                        "a real checkpoint; the method itself keeps the base frozen)")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     g.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip")
     g = p.add_argument_group("run")
@@ -183,15 +176,11 @@ def make_parser() -> Parser:
     g.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
                    help="weights/compute dtype (default: bfloat16 on GPU, float32 on CPU)")
     g.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward")
-    g.add_argument("--seed", type=int, default=0, help="seed for data order, templates, dropout, preset weights")
+    g.add_argument("--seed", type=int, default=0, help="seed for data order, templates, dropout, adapter weights")
     g.add_argument("--save-every", type=int, default=0, help="save checkpoint + resume state every N steps (0: end only)")
     g.add_argument("--log-every", type=int, default=10, help="log (print and metrics.jsonl) every N steps")
     g.add_argument("--check-limit", type=int, default=200_000, help="validate every record before training "
                    "when the data has at most this many (larger data is validated as it is read)")
-    g.add_argument("--vocab-size", type=int, default=1000, help="preset models: size of the BPE trained on the data")
-    g.add_argument("--tie-embeddings", type=int, choices=(0, 1), default=0, help="preset models: the output "
-                   "layer shares the input embedding (a tiny model then learns to copy a word from its context "
-                   "in a few hundred steps; untied, it had not after 300)")
     return p
 
 
@@ -201,9 +190,9 @@ def make_parser() -> Parser:
 RESUME_MAY_CHANGE = {"resume", "stop_after", "save_every", "log_every", "device", "activation_checkpointing",
                      "check_limit", "out", "overwrite"}
 NOT_RESTORED = {"resume", "stop_after", "out", "overwrite"}
-# Numeric flags and what they must be; checked on the resolved values, so a preset's value passes too.
+# Numeric flags and what they must be; checked on the resolved values, so a default (TINY's too) passes too.
 POSITIVE_INT = ("global_batch", "micro_batch", "max_len", "doc_len", "compr_rate", "top_k", "epochs", "lora_r",
-                "max_steps", "stop_after", "log_every", "candidates", "vocab_size")
+                "max_steps", "stop_after", "log_every", "candidates")
 NON_NEGATIVE_INT = ("save_every", "check_limit", "seed")
 POSITIVE_FLOAT = ("lr", "tau", "lora_alpha", "grad_clip")
 NON_NEGATIVE_FLOAT = ("min_lr", "mse_weight", "weight_decay")
@@ -235,7 +224,7 @@ def check_numbers(a):
 def read_checkpoint_info(path: str) -> tuple[Path, dict]:
     """What a run from --init inherits, read from the checkpoint's config without loading any tensor:
     {"lora_r", "lora_alpha", "lora_dropout", "doc_len", "compr_rate", "defaults"}; "defaults" is "tiny" for
-    a checkpoint trained from a preset model (its hyper-parameter family carries over), else "official"."""
+    a checkpoint trained from the tiny base (its hyper-parameter family carries over), else "official"."""
     try:
         ck = checkpoint_dir(path)
     except FileNotFoundError as e:
@@ -248,8 +237,8 @@ def read_checkpoint_info(path: str) -> tuple[Path, dict]:
         meta = json.loads(cfg_file.read_text(encoding="utf-8"))
         if native:
             c = meta["clara"]
-            # a checkpoint written before "defaults" was recorded: one that carries its own trained base was
-            # trained from a preset (the only models whose base trains by default)
+            # a checkpoint written before "defaults" was recorded: one that carries its own base was trained
+            # from a tiny preset base (then the only base a checkpoint carried)
             family = meta.get("defaults") or ("tiny" if meta.get("base_model") == "base" else "official")
             info = dict(lora_r=c["lora_r"], lora_alpha=c["lora_alpha"], lora_dropout=c["lora_dropout"],
                         doc_len=c["doc_max_length"], compr_rate=c["compr_rate"], defaults=family)
@@ -283,7 +272,7 @@ def comparable(k: str, v):
     """A flag's value as recorded and compared: paths absolute (a resumed run may start from another cwd)."""
     if v is None or k not in ("data", "init", "base_model", "model"):
         return v
-    if k == "model" and v in PRESETS:
+    if k == "model" and v == "tiny":
         return v
     if k == "init":  # a run folder and its checkpoint/ are the same --init
         try:
@@ -301,6 +290,9 @@ def parse_args(argv=None):
     for action in q._actions:
         action.default = argparse.SUPPRESS
     given = set(vars(q.parse_args(argv)))
+    if args.stage == 0:
+        raise UsageError("--stage 0: pretraining a base from random weights is not CLaRa and is no longer part of "
+                         "train.py: python lab/pretrain.py --data TEXT... --out DIR, then train.py --model DIR")
     args.out = Path(args.out or f"out/stage{args.stage}")
     if args.resume:
         restore_run(args, given)
@@ -327,12 +319,10 @@ def restore_run(args, given: set):
 
 
 def resolve_defaults(args, p, given: set):
-    """Fill every unset hyper-parameter. The family of defaults follows what is trained: a preset model (random
-    weights, a laptop CPU) gets TINY, a real model the official values of the stage, and a run from --init
-    the family of the checkpoint it starts from, whatever --model says by default. With --init, the LoRA
-    shape and options and the document shape default to the checkpoint's."""
-    if args.stage == 0 and not args.data:
-        p.error("--stage 0 needs --data (text to pretrain the base on; there is no sample)")
+    """Fill every unset hyper-parameter. The family of defaults follows what is trained: the shipped tiny base
+    (a laptop CPU) gets TINY, any other model the official values of the stage, and a run from --init the
+    family of the checkpoint it starts from, whatever --model says by default. With --init, the LoRA shape
+    and options and the document shape default to the checkpoint's."""
     if args.init and "model" in given:
         p.error("--model names the base of a fresh run; with --init the base is the checkpoint's "
                 "(--base-model DIR reads it from another folder)")
@@ -340,8 +330,6 @@ def resolve_defaults(args, p, given: set):
         p.error("--base-model overrides the base of an --init checkpoint; a fresh run takes --model DIR")
     if args.base_model and not Path(args.base_model).is_dir():
         p.error(f"--base-model {args.base_model}: not a directory")
-    if args.tie_embeddings and (args.model not in PRESETS or args.init):
-        p.error("--tie-embeddings 1 shapes a new preset model; a checkpoint (--model DIR or --init) keeps its own")
     if args.chat_format and args.init:
         p.error("--chat-format chooses a base model's format; a checkpoint (--init) keeps the one it was trained with")
     if args.retrieval_warmup and args.stage != 3:
@@ -356,13 +344,12 @@ def resolve_defaults(args, p, given: set):
                 raise UsageError(f"{flag(k)} {getattr(args, k)}: {ck} was trained with {flag(k)} {v}, which a run "
                                  f"from it cannot change (drop the flag)")
     else:
-        family = "tiny" if args.model in PRESETS and args.model != "mistral-7b" else "official"
+        family = "tiny" if args.model == "tiny" or Path(args.model).resolve() == TINY_BASE else "official"
     args.defaults = family
     args.data = args.data or [str(ROOT / f"data/sample/stage{args.stage}.jsonl")]
-    preset = STAGES[args.stage] | (TINY if family == "tiny" else {})
+    values = STAGES[args.stage] | (TINY if family == "tiny" else {})
     args.explicit = {k for k in given if getattr(args, k, None) is not None}
-    defaults = dict(**LORA_DEFAULTS, train_base=int(args.model in PRESETS and not args.init))
-    for k, v in (preset | defaults | inherited).items():
+    for k, v in (values | LORA_DEFAULTS | inherited).items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
 
@@ -407,7 +394,7 @@ def build_clara(a, dataset, device, dtype, rank) -> Clara:
                                           training_stage=a.stage, compr_rate=a.compr_rate)
         except LOAD_ERRORS as e:
             hint = " (train.py: --base-model DIR)" if "base_model=DIR" in str(e) else ""
-            raise UsageError(f"--init {a.init}: cannot load the checkpoint: {one_line(e)}{hint}") from None
+            raise UsageError(f"--init {a.init}: cannot load the checkpoint: {error_line(e)}{hint}") from None
         trained = clara.cfg
         for k in ("generation_top_k", "tau", "topk_estimator", "mse_weight", "max_len"):
             setattr(trained, k, getattr(cfg, k))
@@ -422,18 +409,9 @@ def build_clara(a, dataset, device, dtype, rank) -> Clara:
             clara.model.copy_adapter("encoder", "query")
         set_lora(clara, a)
         return clara
-    base = Path(a.model)
-    if a.model in PRESETS:
-        base = a.out / "base"
-        if rank == 0 and not (base / "config.json").exists():
-            a.out.mkdir(parents=True, exist_ok=True)
-            make_preset_base(a, dataset, base)
-        check_preset_base(a, base)
-        if dist.is_initialized():
-            dist.barrier()
+    base = TINY_BASE if a.model == "tiny" else Path(a.model)
     if a.stage in (2, 3):
-        print(f"warning: --stage {a.stage} without --init starts from the bare base "
-              f"{'(random weights, preset ' + a.model + ')' if a.model in PRESETS else str(base)} with fresh "
+        print(f"warning: --stage {a.stage} without --init starts from the bare base {base} with fresh "
               f"adapters, not from a stage-{a.stage - 1} checkpoint (--init OUT/checkpoint)",
               file=sys.stderr, flush=True)
     torch.manual_seed(a.seed)  # adapter initialisation
@@ -441,8 +419,14 @@ def build_clara(a, dataset, device, dtype, rank) -> Clara:
         model = Transformer.from_pretrained(base, dtype=dtype, device=device)
         tok = Tokenizer.from_pretrained(base, chat_format=a.chat_format)
     except LOAD_ERRORS as e:
-        raise UsageError(f"--model {a.model}: cannot load the base model: {one_line(e)}") from None
-    return Clara(model, tok, cfg, base_path=str(base))
+        raise UsageError(f"--model {a.model}: cannot load the base model: {error_line(e)}") from None
+    clara = Clara(model, tok, cfg, base_path=str(base))
+    # The shipped tiny base (under 1 MB) travels inside every checkpoint trained from it (`checkpoint/base/`):
+    # the checkpoint then loads from any folder or machine, whatever becomes of this clone's data/tiny.
+    clara.base_carried = base.resolve() == TINY_BASE
+    if clara.base_carried:  # pinned now: a data/tiny rewritten during the run is refused at the save
+        clara.base_sha256 = weight_hashes(base)
+    return clara
 
 
 def set_lora(clara: Clara, a):
@@ -458,60 +442,6 @@ def set_lora(clara: Clara, a):
         for m in clara.model.lora_layers():
             m.lora[name] = new
     clara.cfg.lora_r, clara.cfg.lora_alpha, clara.cfg.lora_dropout = a.lora_r, a.lora_alpha, a.lora_dropout
-
-
-def one_line(e: BaseException) -> str:
-    text = e.args[0] if isinstance(e, KeyError) and len(e.args) == 1 else e  # no repr quotes around a KeyError
-    return " ".join(str(text).split()) or type(e).__name__
-
-
-def preset_tokenizer(texts: list[str], vocab_size: int, split_punctuation: bool = False):
-    """A BPE for a preset model, trained on the data and on the fixed prompt strings (50 times, so their words
-    become single pieces: the tiny decoder's answer prompt shrinks from about 150 tokens to about 80)."""
-    return train_tokenizer(list(texts) + PROMPT_TEXTS * 50, vocab_size, split_punctuation=split_punctuation)
-
-
-def preset_config(a, tok) -> ModelConfig:
-    """The preset's shape, with the trained tokenizer's vocabulary and --tie-embeddings."""
-    return ModelConfig.from_preset(a.model, vocab_size=tok.vocab_size, tie_embeddings=bool(a.tie_embeddings))
-
-
-def make_preset_base(a, dataset: JsonlDataset, path: Path):
-    """A preset decoder with random weights and a BPE tokenizer trained on the data, saved as an HF dir."""
-    texts = []
-    for i in range(len(dataset)):
-        r = dataset[i]
-        texts += r["docs"] + [r["question"]] if isinstance(r["question"], str) else r["docs"] + r["question"]
-        texts += r["answers"] if "answers" in r else [r["answer"]]
-    tok = preset_tokenizer(texts, a.vocab_size)
-    model = Transformer(preset_config(a, tok)).init_weights(seed=a.seed)
-    tmp = path.with_name(path.name + ".tmp")
-    model.save_pretrained(tmp)
-    tok.save(tmp)
-    write_json(tmp / "preset.json", preset_record(a))
-    os.replace(tmp, path)
-
-
-def preset_record(a) -> dict:
-    """What a preset base is made from: a base in --out made from anything else is stale."""
-    return {"model": a.model, "vocab_size": a.vocab_size, "tie_embeddings": a.tie_embeddings, "seed": a.seed}
-
-
-def check_preset_base(a, base: Path):
-    """A preset base already in --out (an earlier stage or run) must be the one these flags would make."""
-    f = base / "preset.json"
-    if not f.is_file():
-        return  # made before preset.json was written: nothing to compare
-    try:
-        made = json.loads(f.read_text())
-    except (OSError, ValueError) as e:
-        raise UsageError(f"{f}: cannot be read ({e})") from None
-    want = preset_record(a)
-    for k, v in want.items():
-        if made.get(k) != v:
-            flag = "--" + k.replace("_", "-")
-            raise UsageError(f"{base} was made with {k} {made.get(k)!r}, this run asks for {v!r} ({flag}): use "
-                             f"another --out, or remove {base} to make a new base")
 
 
 def shard(clara: Clara, dtype, device):
@@ -598,7 +528,7 @@ def save_all(clara, opt, a, step, position, rank):
         if rank == 0:
             for t in (a.out / "checkpoint.tmp", tmp, a.out / "run.json.tmp"):
                 shutil.rmtree(t, ignore_errors=True) if t.is_dir() else t.unlink(missing_ok=True)
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else one_line(e)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else error_line(e)
         raise UsageError(f"step {step}: saving to {a.out} failed: {reason}; what was saved before this step is "
                          f"intact (free some space, then continue with --resume)") from None
     dist.barrier()
@@ -663,11 +593,10 @@ def open_metrics(out: Path, resumed_step: int | None) -> Metrics:
 
 # What this project writes into --out (train.py, clara.save_pretrained, clara.replace_dir): an --out holding
 # anything else is a user's folder, refused without --overwrite and never cleaned.
-OURS = {"checkpoint", "checkpoint.tmp", "checkpoint.old", "resume", "resume.tmp", "resume.old", "base", "base.tmp",
-        "base.old", "metrics.jsonl", "metrics.jsonl.tmp", "run.json", "run.json.tmp"}
-MARKERS = {"checkpoint": "clara_config.json", "checkpoint.old": "clara_config.json", "base": "config.json",
-           "base.old": "config.json", "resume": ("state.json", "manifest.json"),
-           "resume.old": ("state.json", "manifest.json")}
+OURS = {"checkpoint", "checkpoint.tmp", "checkpoint.old", "resume", "resume.tmp", "resume.old",
+        "metrics.jsonl", "metrics.jsonl.tmp", "run.json", "run.json.tmp"}
+MARKERS = {"checkpoint": "clara_config.json", "checkpoint.old": "clara_config.json",
+           "resume": ("state.json", "manifest.json"), "resume.old": ("state.json", "manifest.json")}
 
 
 def marker_files(name: str) -> tuple[str, ...]:
@@ -702,7 +631,7 @@ def check_out(a):
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise UsageError(f"--out {out} holds files this project did not write ({shown}); nothing was changed: "
                          "choose a new or empty folder, or pass --overwrite to write into it (its other files are "
-                         "kept; checkpoint/, resume/, base/, metrics.jsonl and run.json are replaced)")
+                         "kept; checkpoint/, resume/, metrics.jsonl and run.json are replaced)")
 
 
 def check_warmup(records: list[dict], a) -> list[dict]:
@@ -774,7 +703,7 @@ def load_resume(clara, opt, a) -> dict:
         if missing or unexpected:
             raise SystemExit(f"--resume: {resume / 'state.safetensors'} holds the state of other trainable parameters "
                              f"(missing {missing[:2]}, unexpected {unexpected[:2]}): resume with the flags of the run "
-                             "that wrote it (--stage, --init, --train-base, --retrieval-warmup)")
+                             "that wrote it (--stage, --init, --retrieval-warmup)")
         for k, v in want.items():
             if tensors[k].shape != v.shape or tensors[k].dtype != v.dtype:
                 raise SystemExit(f"--resume: {resume / 'state.safetensors'}: tensor {k!r} is {tuple(tensors[k].shape)} "
@@ -807,142 +736,6 @@ def load_resume(clara, opt, a) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Stage 0: make a base model (not CLaRa)
-
-def read_texts(paths) -> list[str]:
-    """Stage-0 text. Any file but .jsonl holds one text per line. A .jsonl file holds per line either
-    {"text": str} (texts with newlines, e.g. chat transcripts), or a CLaRa record that becomes raw-text QA, so
-    that the tiny base learns to answer from documents as the instruction model the paper starts from can:
-      stage 2/3 {"question", "docs", "answer"}      the raw-text answer prompt (eval.py's text mode) + answer
-      stage 1 {"data_type": "qa", ...}              the same, one text per (question, answer) pair
-      stage 1 {"data_type": "paraphrase", ...}      the paraphrase (answers[0]) as plain text
-    Blank lines are skipped; a malformed line is an error naming file:line.
-
-    (Tried for the CPU lab: the loss on the answer only for stage-2 records, as instruction tuning does. The
-    tiny base then read WORSE after the same steps, 1% held-out exact against 9%: the prompt's own tokens,
-    documents and question, are useful language-model text at this scale.)"""
-    texts = []
-    for path in map(Path, paths):
-        if not path.is_file():
-            raise UsageError(f"{path}: stage-0 text file not found")
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            if path.suffix != ".jsonl":
-                texts.append(line)
-                continue
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                raise UsageError(f"{path}:{n}: not JSON") from None
-            if isinstance(r, dict) and "text" not in r and "data_type" in r:
-                try:
-                    r = validate_record(r, 1, f"{path}:{n}")  # normalised: lists, one document
-                except DataError as e:
-                    raise UsageError(str(e)) from None
-                if r["data_type"] == "paraphrase":
-                    texts.append(r["answers"][0])
-                else:
-                    texts += [f"{text_prompt(q, r['docs'])} {ans}</s>" for q, ans in zip(r["question"], r["answers"])]
-                continue
-            if isinstance(r, dict) and "text" not in r and {"question", "docs", "answer"} <= r.keys():
-                try:
-                    r = validate_record(r, 2, f"{path}:{n}")
-                except DataError as e:
-                    raise UsageError(f"{path}:{n}: a stage-2 record needs a string question and answer and a list "
-                                     f"of documents: {e}") from None
-                texts.append(f"{text_prompt(r['question'], r['docs'])} {r['answer']}</s>")
-                continue
-            text = r.get("text") if isinstance(r, dict) else None
-            if not isinstance(text, str) or not text.strip():
-                raise UsageError(f"{path}:{n}: expected {{\"text\": non-empty string}} or a stage-2 record "
-                                 "{\"question\", \"docs\", \"answer\"}")
-            texts.append(text)
-    return texts
-
-
-def pretrain_base(a, device, dtype):
-    """Stage 0: train every weight of the base decoder as a plain language model, then save it as OUT/base.
-
-    A preset starts from random weights with a BPE tokenizer trained on the text; an HF directory continues
-    from its weights. Each text is read as "<s>{text}</s>" (a text that already starts with <s>, such as a
-    chat transcript, as it is), cut to max_len tokens, and the loss is next-token cross-entropy over every
-    token, normalised by the target tokens of the whole step. One process, no resume: minutes on a CPU.
-    """
-    import numpy as np
-    import torch.nn.functional as F
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 or a.resume:
-        raise UsageError("--stage 0 runs in one process and cannot --resume")
-    texts = read_texts(a.data)
-    if a.model in PRESETS:
-        tok = preset_tokenizer(texts, a.vocab_size, split_punctuation=True)  # see train_tokenizer: copyable words
-        model = Transformer(preset_config(a, tok)).init_weights(seed=a.seed)
-        model = model.to(device=device, dtype=dtype)
-    else:
-        tok, model = Tokenizer.from_pretrained(a.model), Transformer.from_pretrained(a.model, dtype=dtype, device=device)
-    rows = [r[:a.max_len] for r in tok.encode_batch([t if t.startswith("<s>") else f"<s>{t}</s>" for t in texts])]
-    steps_per_epoch = len(rows) // a.global_batch
-    if steps_per_epoch == 0:
-        raise UsageError(f"{a.data}: {len(rows)} texts is less than one global batch ({a.global_batch})")
-    total = a.max_steps or a.epochs * steps_per_epoch
-    model.requires_grad_(True).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=a.weight_decay)
-    n_params = sum(p.numel() for p in model.parameters())
-    print0(f"stage 0: {len(rows)} texts, {total} steps of {a.global_batch}, {n_params:,} parameters, "
-           f"vocabulary {tok.vocab_size}, device {device}, {dtype}")
-    a.out.mkdir(parents=True, exist_ok=True)
-    log = open_metrics(a.out, None)
-    for step in range(total):
-        t0 = time.perf_counter()
-        epoch, i = divmod(step, steps_per_epoch)
-        order = np.random.default_rng([a.seed, epoch]).permutation(len(rows))  # data order from (seed, epoch)
-        chosen = [rows[j] for j in order[i * a.global_batch:(i + 1) * a.global_batch]]
-        n_tokens = sum(len(r) - 1 for r in chosen)  # every token but the first is a target
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, total, a)
-        loss_sum = 0.0
-        for k in range(0, len(chosen), a.micro_batch):
-            ids, mask = left_pad(chosen[k:k + a.micro_batch], tok.pad_id)  # (b, T)
-            ids, mask = ids.to(device), mask.to(device)
-            logits = model(input_ids=ids, attention_mask=mask)  # (b, T, V) fp32
-            labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)  # (b, T-1): no loss on left padding
-            ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
-            (ce / n_tokens).backward()
-            loss_sum += ce.item()
-        loss = loss_sum / n_tokens
-        if not math.isfinite(loss):
-            raise UsageError(f"step {step}: non-finite loss {loss}; nothing was saved. Try a lower --lr.")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), a.grad_clip)
-        if not math.isfinite(float(grad_norm)):
-            raise UsageError(f"step {step + 1}: non-finite gradients; nothing was saved. Try a lower --lr.")
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if not params_finite(list(model.parameters()), False):
-            raise UsageError(f"step {step + 1}: non-finite parameters after the optimizer step; nothing was saved. "
-                             "Try a lower --lr.")
-        rec = {"step": step + 1, "loss": loss, "lr": opt.param_groups[0]["lr"], "grad_norm": float(grad_norm),
-               "tokens_per_s": n_tokens / (time.perf_counter() - t0)}
-        if (step + 1) % a.log_every == 0 or step + 1 == total:
-            log.write(rec)
-            print0(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
-    tmp = a.out / "base.tmp"
-    try:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        model.save_pretrained(tmp)
-        tok.save(tmp)
-        replace_dir(tmp, a.out / "base")
-        write_json(a.out / "run.json", a.run_record)
-    except SAVE_ERRORS as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else one_line(e)
-        raise UsageError(f"saving {a.out / 'base'} failed: {reason}; the previous one (if any) is intact") from None
-    log.saved()
-    log.close()
-    print0(f"done: {total} steps; base model in {a.out / 'base'} (use it as --model of stage 1)")
-
-
-# ----------------------------------------------------------------------------------------------------
 # FLOPs and MFU: one count for train.py's metrics, bench/bench_train.py and bench/gpu_check.py
 # (docs/training.md#mfu)
 
@@ -968,7 +761,7 @@ def causal_pairs(n: torch.Tensor, window: int | None) -> int:
 
 
 def pass_flops(cfg: ModelConfig, lora_rank: int, mask: torch.Tensor, trains: bool,
-               input_grad: bool = True, train_base: bool = False, targets: int = 0) -> int:
+               input_grad: bool = True, targets: int = 0) -> int:
     """Matmul FLOPs of one pass of the decoder stack (one LoRA adapter active) over padded rows.
 
     mask (rows, T): 1 = a real token; padding is not useful work and is not counted. Summed over the
@@ -978,11 +771,10 @@ def pass_flops(cfg: ModelConfig, lora_rank: int, mask: torch.Tensor, trains: boo
                        backward (trains=True)     2 (P + R)  input gradients: a frozen weight still
                                                              passes the gradient down
                                                 + 2 R        the adapter's A and B gradients
-                                                + 2 P        train_base: the base's weights
       per causal pair  forward                    4 D Hq     QK^T and PV, in every layer
       of real tokens   backward (trains=True)     8 D Hq     dQ, dK, dV and dP
       per target       forward                    2 V H      the output layer runs only there
-                       backward (trains=True)     2 V H      (decoder_ce_sum), + 2 V H train_base
+                       backward (trains=True)     2 V H      (Clara.decoder_ce_sum)
 
     input_grad=False: the pass's input embeddings carry no gradient (query reasoner, stage 2's
     encoder): autograd skips the first layer's q, k, v input gradients, 2 (in*out + r*in) a token.
@@ -1000,16 +792,14 @@ def pass_flops(cfg: ModelConfig, lora_rank: int, mask: torch.Tensor, trains: boo
     head = 2 * cfg.vocab_size * cfg.dim * targets
     flops = 2 * (P + R) * tokens + attn + head
     if trains:
-        per_token = 2 * (P + R) + 2 * R + 2 * P * train_base
-        flops += per_token * tokens + 2 * attn + head * (1 + train_base)
-        # (a trained base: the embeddings and norms train, so every layer's input needs a gradient)
-        if not input_grad and not train_base:
+        flops += (2 * (P + R) + 2 * R) * tokens + 2 * attn + head  # the base weights get none
+        if not input_grad:
             flops -= sum(2 * (i * o + lora_rank * i) for i, o in linears[:3]) * tokens
     return flops
 
 
 def batch_flops(cfg: ModelConfig, lora_rank: int, batch: Batch, stage: int,
-                objective: str = "answer", train_base: bool = False) -> int:
+                objective: str = "answer") -> int:
     """FLOPs of one forward + backward of a collated batch (Clara.loss, then backward), by pass:
 
         stages 1, 2   the documents through the trained encoder (their input embeddings carry a
@@ -1024,7 +814,7 @@ def batch_flops(cfg: ModelConfig, lora_rank: int, batch: Batch, stage: int,
     are the sum over its micro-batches and ranks.
     """
     def count(mask, **kw):
-        return pass_flops(cfg, lora_rank, mask, train_base=train_base, **kw)
+        return pass_flops(cfg, lora_rank, mask, **kw)
 
     targets = int((batch.labels[:, 1:] != -100).sum())
     decoder = count(batch.dec_mask, trains=True, targets=targets)
@@ -1107,10 +897,6 @@ class Run:
     def objective(self) -> str:
         return "retrieval_warmup" if self.a.retrieval_warmup else "answer"
 
-    @property
-    def trains_base(self) -> bool:  # the warm-up trains the query reasoner alone, never the base
-        return bool(self.a.train_base) and not self.a.retrieval_warmup
-
 
 @dataclass
 class StepStats:
@@ -1177,7 +963,7 @@ def setup(a, device: torch.device, dtype: torch.dtype, rank: int, world: int) ->
     # Under FSDP the weights load in fp32; MixedPrecisionPolicy casts them for compute (shard()).
     clara = build_clara(a, dataset, device, torch.float32 if world > 1 else dtype, rank)
     clara.model.activation_checkpointing = a.activation_checkpointing
-    params = clara.trainable_parameters(a.stage, train_base=a.train_base)
+    params = clara.trainable_parameters(a.stage)
     if a.retrieval_warmup:  # the query reasoner alone: the decoder is not run
         for k in [k for k in params if not k.endswith(".query")]:
             params.pop(k).requires_grad_(False)
@@ -1222,7 +1008,7 @@ def make_batch(run: Run, records: list[dict]) -> Batch:
     try:
         batch = run.clara.collate(records, a.stage, seed=a.seed)
     except ValueError as e:  # e.g. records of one batch with different numbers of documents
-        raise UsageError(f"{records[0].get('_where', 'a batch')}: {one_line(e)}") from None
+        raise UsageError(f"{records[0].get('_where', 'a batch')}: {error_line(e)}") from None
     check_batch(batch, records, run.clara, a)
     return batch
 
@@ -1261,12 +1047,11 @@ def forward_backward(run: Run, micro: list[Batch], n_terms: torch.Tensor) -> Ste
         s.mse += out.mse.item() / run.accum
         s.truncated += m.truncated
         s.tokens += int(m.doc_mask.sum()) + int(m.dec_mask.sum())
-        s.flops += batch_flops(clara.model.cfg, clara.cfg.lora_r, m, a.stage, objective,
-                               run.trains_base)
+        s.flops += batch_flops(clara.model.cfg, clara.cfg.lora_r, m, a.stage, objective)
         if a.stage == 3:  # recall@k of the selected candidates where the record names its positives
             for row, pos in zip(out.topk.tolist(), m.pos_index):
                 if pos:
-                    s.hits += len(set(row) & set(pos)) / len(pos)
+                    s.hits += recall_at_k(row, pos, len(row))  # row: the top-k, best first
                     s.with_pos += 1
     sums = torch.tensor([s.objective, s.mse, s.hits, s.with_pos, s.truncated, s.tokens, s.flops],
                         device=run.device, dtype=torch.float64)
@@ -1292,7 +1077,7 @@ def optimizer_step(run: Run) -> float:
     except RuntimeError as e:  # AdamW's step lr / (1 - beta1^t) past the float range (huge --lr)
         if "overflow" not in str(e):
             raise
-        raise StepFailed(f"the optimizer step overflowed ({one_line(e)})") from None
+        raise StepFailed(f"the optimizer step overflowed ({error_line(e)})") from None
     opt.zero_grad(set_to_none=True)
     # A finite loss and gradient can still step to inf/nan weights (a huge --lr): never save those.
     if not params_finite(run.trainable, run.world > 1):
@@ -1372,8 +1157,6 @@ def main(argv=None):
     device, rank, world = start_processes(a)
     default = torch.bfloat16 if device.type == "cuda" else torch.float32
     dtype = getattr(torch, a.dtype) if a.dtype else default
-    if a.stage == 0:
-        return pretrain_base(a, device, dtype)
     run = setup(a, device, dtype, rank, world)
     stop_at = min(run.total, run.step + a.stop_after) if a.stop_after else run.total
     a.out.mkdir(parents=True, exist_ok=True)  # only now: a run that cannot start leaves no folder
@@ -1403,13 +1186,6 @@ def main(argv=None):
         dist.destroy_process_group()
 
 
-# Errors that a broken --model / --init folder raises while loading (our loaders' deliberate ValueError,
-# KeyError and FileNotFoundError, the OS's, safetensors' for a damaged file); SAVE_ERRORS: writing.
-from safetensors import SafetensorError  # noqa: E402  (one of the runtime packages; here next to its use)
-LOAD_ERRORS = (OSError, ValueError, KeyError, SafetensorError)
-SAVE_ERRORS = (OSError, SafetensorError)
-
-
 def cli(argv=None) -> int:
     """The command line: an expected error is one line on stderr and exit 2, never a traceback."""
     try:
@@ -1418,10 +1194,10 @@ def cli(argv=None) -> int:
         print(f"train.py: error: {e.message}", file=sys.stderr)
         return 2
     except DataError as e:  # a bad record found while training: its file, line and field
-        print(f"train.py: error: bad training data: {one_line(e)}", file=sys.stderr)
+        print(f"train.py: error: bad training data: {error_line(e)}", file=sys.stderr)
         return 2
     except OSError as e:  # the environment (permissions, a vanished file, a full disk outside a save)
-        print(f"train.py: error: {one_line(e)}", file=sys.stderr)
+        print(f"train.py: error: {error_line(e)}", file=sys.stderr)
         return 2
     return 0
 

@@ -113,7 +113,7 @@ def make_inputs(B, Hq, Hkv, T, S, D, layout, dtype):
         q = torch.empty(B, T, Hq, D, dtype=dtype).transpose(1, 2)
         k = torch.empty(B, S, Hkv, D, dtype=dtype).transpose(1, 2)
         v = torch.empty(B, S, Hkv, D, dtype=dtype).transpose(1, 2)
-    elif layout == "cache":  # KVCache.update returns a slice of a (L, B, Hkv, max_len, D) buffer
+    elif layout == "cache":  # KVCache.update returns a slice of a (B, Hkv, max_len, D) buffer
         q = torch.empty(B, T, Hq, D, dtype=dtype).transpose(1, 2)
         kc = torch.empty(2, B, Hkv, S + 37, D, dtype=dtype)
         k, v = kc[0, :, :, :S], kc[1, :, :, :S]

@@ -35,9 +35,34 @@ def fake_records(stage, n, n_cand, rng):
             for _ in range(n)]
 
 
+def bench_optimizer(clara, stage, device):
+    """The benchmarked run's trainable parameters (those of `stage`) on `device`, their AdamW, training mode."""
+    params = clara.trainable_parameters(stage)
+    clara.to(device)
+    clara.train()
+    return torch.optim.AdamW(params.values(), lr=1e-5)
+
+
 def step_flops(clara: Clara, batch, stage: int) -> int:
     """The FLOPs of one timed step: train.py's count (the method's trainable set, the answer)."""
     return batch_flops(clara.model.cfg, clara.cfg.lora_r, batch, stage)
+
+
+def timed_step(clara, opt, stage, records, sync=lambda: None):
+    """One optimizer step of `stage` on `records` (the benchmarked loop; bench/gpu_check.py part c runs
+    it too) -> (seconds of loss + backward + update, tokens read, FLOPs: `step_flops`).
+    `sync` waits for the device before each clock reading (CUDA calls return before the work is done)."""
+    batch = clara.collate(records, stage)
+    sync()
+    t = time.perf_counter()
+    clara.total_loss(clara.loss(batch, stage)).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    sync()
+    dt = time.perf_counter() - t
+    tokens = int(batch.doc_mask.sum()) + int(batch.dec_mask.sum())
+    tokens += int(batch.q_mask.sum()) if stage == 3 else 0
+    return dt, tokens, step_flops(clara, batch, stage)
 
 
 def main():
@@ -74,30 +99,16 @@ def main():
         else:  # the same model continues into stage 3 with a query reasoner
             clara.cfg = ccfg
             clara.model.copy_adapter("encoder", "query")
-        params = clara.trainable_parameters(stage)
-        clara.to(device)
-        opt = torch.optim.AdamW(params.values(), lr=1e-5)
-        clara.train()
+        opt = bench_optimizer(clara, stage, device)
         times, toks, flops = [], 0, 0
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         for step in range(a.steps + 1):
-            batch = clara.collate(fake_records(stage, a.micro_batch, a.candidates, rng), stage)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            out = clara.loss(batch, stage)
-            clara.total_loss(out).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            records = fake_records(stage, a.micro_batch, a.candidates, rng)
+            dt, n, fl = timed_step(clara, opt, stage, records, sync)
             if step == 0:
                 continue  # warm-up
-            times.append(time.perf_counter() - t)
-            enc = int(batch.doc_mask.sum())
-            dec = int(batch.dec_mask.sum())
-            q = int(batch.q_mask.sum()) if stage == 3 else 0
-            toks += enc + dec + q
-            flops += step_flops(clara, batch, stage)
+            times.append(dt)
+            toks, flops = toks + n, flops + fl
         dt = sum(times)
         util = f"{mfu(flops, dt, PEAK_BF16):.1%}" if device.type == "cuda" else "n/a (CPU)"
         print(f"| {stage} | {a.micro_batch * a.steps / dt:.2f} | {toks / dt:,.0f} | {util} |")

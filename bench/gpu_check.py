@@ -141,6 +141,14 @@ def recorded(row: dict, on_error=None, mark_failed: bool = True):
             on_error()
 
 
+def add_row(rows: list, md: list, row: dict, key: str, figures) -> None:
+    """One row of a speed table (parts b, c): into the part's rows and the log, and a markdown line of `key`
+    (its first cells) and then its figures (`figures()`, called only for a row without an error) or the error."""
+    rows.append(row)
+    log(json.dumps(row))
+    md.append(f"| {key} | ERROR {row['error'][:120]} |" if "error" in row else f"| {key} | {figures()} |")
+
+
 def run_part(name, fn, budget):
     budget = max(1.0, min(budget, left()))
     st = RESULTS["parts"].setdefault(name, {})
@@ -636,15 +644,11 @@ def part_b(st, md, end):
                            kernel_fwd_ms=tk_f, kernel_fwdbwd_ms=tk_b, sdpa_fwd_ms=ts_f, sdpa_fwdbwd_ms=ts_b,
                            sdpa_kv_repeated=rep)
                 del q, k, v, do, qq, kk, vv, k2, v2
-            rows.append(row)
-            log(json.dumps(row))
-            if "error" in row:
-                md.append(f"| {seq} | {B} | {causal} | ERROR {row['error'][:100]} |")
-            else:
-                md.append(f"| {seq} | {B} | {'yes' if causal else 'no'} | {row['kernel_fwd_tflops']:.0f} | "
-                          f"{row['sdpa_fwd_tflops']:.0f} | {row['kernel_fwdbwd_tflops']:.0f} | "
-                          f"{row['sdpa_fwdbwd_tflops']:.0f} | {ts_f / tk_f:.2f} | "
-                          f"{ts_b / tk_b:.2f} | {row['first_call_s']} |")
+            add_row(rows, md, row, f"{seq} | {B} | {'yes' if causal else 'no'}",
+                    lambda: f"{row['kernel_fwd_tflops']:.0f} | {row['sdpa_fwd_tflops']:.0f} | "
+                            f"{row['kernel_fwdbwd_tflops']:.0f} | {row['sdpa_fwdbwd_tflops']:.0f} | "
+                            f"{row['sdpa_fwd_ms'] / row['kernel_fwd_ms']:.2f} | "
+                            f"{row['sdpa_fwdbwd_ms'] / row['kernel_fwdbwd_ms']:.2f} | {row['first_call_s']}")
             save()
 
     # CLaRa document shape: 259 text tokens + n_mem memory tokens, left padded to random lengths, causal
@@ -741,7 +745,7 @@ def part_c(st, md, end):
     """bench/bench_train.py's loop, in process, for each attention backend (stage 1, then stage 3)."""
     import random
     sys.path.insert(0, os.path.join(ROOT, "bench"))
-    from bench_train import fake_records, step_flops
+    from bench_train import bench_optimizer, fake_records, timed_step
     from clara import Clara, ClaraConfig
     from train import PEAK_BF16, mfu
     model, tok, P_, shape = seven_b()
@@ -769,34 +773,19 @@ def part_c(st, md, end):
                     clara = Clara(model, tok, ccfg)
                     clara.model.copy_adapter("encoder", "query")
                 clara.cfg = ccfg
-                params = clara.trainable_parameters(stage)
-                clara.to(DEV)
-                opt = torch.optim.AdamW(params.values(), lr=1e-5)
-                clara.train()
+                opt = bench_optimizer(clara, stage, DEV)
                 if CUDA:
                     torch.cuda.reset_peak_memory_stats()
                 times, toks, flops, per_step = [], 0, 0, []
                 for step in range(steps + 1):
-                    batch = clara.collate(fake_records(stage, micro, cands, rng), stage)
-                    sync()
-                    t = time.perf_counter()
-                    out = clara.loss(batch, stage)
-                    clara.total_loss(out).backward()
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                    sync()
-                    dt = time.perf_counter() - t
+                    records = fake_records(stage, micro, cands, rng)
+                    dt, n, fl = timed_step(clara, opt, stage, records, sync)
                     if step == 0:
                         row["warmup_step_s"] = round(dt, 2)
                         continue
                     times.append(dt)
-                    enc = int(batch.doc_mask.sum())
-                    dec = int(batch.dec_mask.sum())
-                    qn = int(batch.q_mask.sum()) if stage == 3 else 0
-                    toks += enc + dec + qn
-                    fl = step_flops(clara, batch, stage)
-                    flops += fl
-                    per_step.append((dt, enc + dec + qn, fl))
+                    toks, flops = toks + n, flops + fl
+                    per_step.append((dt, n, fl))
                     if time.time() > end - 5:
                         break
                 # median step: a timed step can still meet a new Triton specialisation (T % 16) and compile
@@ -808,15 +797,11 @@ def part_c(st, md, end):
                            mean_tokens_s=toks / sum(times),
                            mean_mfu=mfu(flops, sum(times), PEAK_BF16),
                            peak_gib=torch.cuda.max_memory_allocated() / 2**30 if CUDA else None)
-                del opt, out, batch
-            rows.append(row)
-            log(json.dumps(row))
-            if "error" in row:
-                md.append(f"| {backend} | {stage} | ERROR {row['error'][:120]} |")
-            else:
-                md.append(f"| {backend} | {stage} | {row['samples_s']:.2f} | {row['tokens_s']:,.0f} | "
-                          f"{row['mfu']:.1%} | {row['step_s']:.3f} | {row['step_times_s']} | {row['warmup_step_s']} | "
-                          f"{row['peak_gib'] or 0:.1f} |")
+                del opt
+            add_row(rows, md, row, f"{backend} | {stage}",
+                    lambda: f"{row['samples_s']:.2f} | {row['tokens_s']:,.0f} | {row['mfu']:.1%} | "
+                            f"{row['step_s']:.3f} | {row['step_times_s']} | {row['warmup_step_s']} | "
+                            f"{row['peak_gib'] or 0:.1f}")
             save()
     os.environ.pop("CLARA_ATTENTION", None)
     if clara is not None:

@@ -12,8 +12,9 @@ It runs the same commands a reader would type (each is printed before it runs) a
               Edda Dunn (who makes bread) live?", and none of the 7 distractors (people with a similar name)
               has that job (--describe, below). Job questions are plain and stage-2 only
   2. stage 0  NOT CLaRa: the paper starts from Mistral-7B-Instruct, we start from random weights, so a tiny
-              tied-embedding decoder first learns the corpus and raw-text QA as a plain language model.
-              This base is the raw-text and closed-book baseline, and stays FROZEN from here on.
+              tied-embedding decoder first learns the corpus and raw-text QA as a plain language model
+              (python lab/pretrain.py). This base is the raw-text and closed-book baseline, and stays FROZEN
+              from here on.
   3. stages 1 and 2 at each compression rate: LoRA adapters (encoder, decoder) and the <MEMi> rows on the
               frozen base, WITHOUT the alignment loss (--mse-weight 0, below), then eval.py compressed / text
               / closed_book on the held-out questions
@@ -38,7 +39,7 @@ Why these choices (the measurements, and the finished diagnoses behind them, are
   - word names and "Who ...?" questions in stage 1 (--names words --ask-names): with them the stage-0 base
     learns to copy from a text (raw-text reading 40.7% vs 8.7% without them, fast lab, one run each);
   - the base is frozen in stages 1-3 (the method's own setting): when the encoder and decoder share base
-    weights that both train (`--train-base 1`), the encoder's memory stayed at chance;
+    weights that both train (train.py's former `--train-base 1`), the encoder's memory stayed at chance;
   - tied input/output embeddings: an untied tiny model did not learn to copy a word from its context;
   - questions that describe the person's job (--describe): the tiny encoder's memories keep the facts its
     training questions ask about, not the person's name (linear probes at chance, docs/LOG.md), so with
@@ -134,15 +135,16 @@ def main(argv=None) -> dict:
          "--ask-names", "--describe", *seed], log)
     # 2. stage 0 (not CLaRa): the base decoder, from random weights, on raw-text QA about every fact of the
     #    training people (stage-1 qa records, one text per question) + their paraphrases + the stage-2 QA
-    run([PY, "train.py", "--stage", "0", "--data", data / "stage1.jsonl", data / "stage2.jsonl", "--out",
-         out / "stage0", "--tie-embeddings", "1", "--max-len", "256", "--global-batch", "32", "--micro-batch", "32",
-         "--epochs", cfg["s0_epochs"], "--lr", "3e-3", "--log-every", "100", "--vocab-size", "1200", *seed], log)
-    base = out / "stage0" / "base"
+    base = out / "stage0"
+    run([PY, "lab/pretrain.py", "--data", data / "stage1.jsonl", data / "stage2.jsonl", "--out", base,
+         "--tie-embeddings", "1", "--max-len", "256", "--global-batch", "32", "--micro-batch", "32",
+         "--epochs", cfg["s0_epochs"], "--lr", "3e-3", "--min-lr", "2e-4", "--warmup", "0.05", "--log-every", "100",
+         "--vocab-size", "1200", *seed], log)
     # 3. stages 1 and 2 per compression rate, the frozen base underneath
     for rate in cfg["rates"]:
         d = out / f"rate{rate}"
         run([PY, "train.py", "--stage", "1", "--model", base, "--data", data / "stage1.jsonl", "--out", d / "stage1",
-             "--train-base", "0", "--doc-len", "64", "--compr-rate", rate, "--lr", "3e-3", "--min-lr", "3e-4",
+             "--doc-len", "64", "--compr-rate", rate, "--lr", "3e-3", "--min-lr", "3e-4",
              "--max-steps", cfg["s1_steps"], *COMMON, *NO_MSE, *seed], log)
         run([PY, "train.py", "--stage", "2", "--init", d / "stage1" / "checkpoint", "--data", data / "stage2.jsonl",
              "--out", d / "stage2", "--top-k", "1", "--lr", "3e-3", "--min-lr", "1e-3", "--warmup", "0.05",

@@ -59,6 +59,24 @@ def tiny_base(tmp_path_factory):
     return path
 
 
+def adamw_steps(clara, batch: dict, stage: int, steps: int = 1, lr: float = 3e-3, opt=None):
+    """The tests' training loop: `steps` AdamW steps of Clara.total_loss on one collated batch, in training
+    mode, every loss finite. -> (the loss before each step, the optimizer: a new one on the trainable
+    parameters of `stage` unless `opt` is given)."""
+    if opt is None:
+        opt = torch.optim.AdamW(list(clara.trainable_parameters(stage).values()), lr=lr)
+    clara.train()
+    losses = []
+    for _ in range(steps):
+        loss = clara.total_loss(clara.loss(batch, stage))
+        assert torch.isfinite(loss), (losses, loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses, opt
+
+
 # Llama-3.x RoPE scaling with a pretraining context of 64 positions, so that the 8 frequencies of a
 # 16-wide head fall in all three regimes: wavelength below 64/4 kept, above 64/1 divided, between smoothed.
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

@@ -76,9 +76,18 @@ def run_eval(argv):
     return 0, "\n".join(x for x in err.getvalue().splitlines() if x.startswith("note:"))
 
 
+def resume_args(env):
+    """What train.save_all / load_resume read of a run's arguments: a stage-1 run writing into the test's folder."""
+    return SimpleNamespace(out=env.tmp, stage=1, defaults="official", run_record={})
+
+
+def save_resume(env, clara, opt):
+    train.save_all(clara, opt, resume_args(env), 1, {"epoch": 0}, 0)
+
+
 def run_resume(env, clara, opt):
     try:
-        train.load_resume(clara, opt, SimpleNamespace(out=env.tmp, stage=1, defaults="official", run_record={}))
+        train.load_resume(clara, opt, resume_args(env))
     except SystemExit as e:
         return 1, str(e.code)
     return 0, ""
@@ -116,7 +125,7 @@ def _(env):
 
 
 @case("data-lone-surrogate", "data.py check --stage 2", r'a question holding the escape "\ud800" alone',
-      r"sur.jsonl:1: a string holds the escape \\ud800, half of a UTF-16 surrogate pair")
+      r"sur.jsonl:1: not valid text \(the escape \\ud800 is half of a UTF-16 surrogate pair\)")
 def _(env):
     return check(env, "sur.jsonl", '{"question": "a\\ud800?", "docs": ["d"], "answer": "x"}\n')
 
@@ -337,13 +346,13 @@ def _(env):
 
 # ---- train.py --resume ----------------------------------------------------------------------------------
 
-def resume_case(env, prepare, trainable_base=False):
+def resume_case(env, prepare, resume_stage=None):
     c = Clara(Transformer.from_pretrained(env.base, dtype=torch.float32), Tokenizer.from_pretrained(env.base),
               ClaraConfig(**CFG, training_stage=1), base_path=str(env.base))
     opt = torch.optim.AdamW(list(c.trainable_parameters(1).values()), lr=1e-3)
     prepare(c, opt)
-    if trainable_base:
-        opt = torch.optim.AdamW(list(c.trainable_parameters(1, train_base=True).values()), lr=1e-3)
+    if resume_stage is not None:  # resumed with another stage's trainable set (stage 2: no <MEMi> rows)
+        opt = torch.optim.AdamW(list(c.trainable_parameters(resume_stage).values()), lr=1e-3)
     return (lambda _: run_resume(env, c, opt)), None
 
 
@@ -365,7 +374,7 @@ def _(env):
       r"--resume: .*state.safetensors: missing or altered since it was saved")
 def _(env):
     def prepare(c, o):
-        train.save_all(c, o, SimpleNamespace(out=env.tmp, stage=1, defaults="official", run_record={}), 1, {"epoch": 0}, 0)
+        save_resume(env, c, o)
         f = env.tmp / "resume" / "state.safetensors"
         f.write_bytes(f.read_bytes()[:-4] + b"\0\0\0\1")
     return resume_case(env, prepare)
@@ -374,9 +383,7 @@ def _(env):
 @case("resume-other-params", "train.py --resume", "saved by a run with other trainable parameters",
       r"--resume: .*state.safetensors holds the state of other trainable parameters")
 def _(env):
-    def prepare(c, o):
-        train.save_all(c, o, SimpleNamespace(out=env.tmp, stage=1, defaults="official", run_record={}), 1, {"epoch": 0}, 0)
-    return resume_case(env, prepare, trainable_base=True)
+    return resume_case(env, lambda c, o: save_resume(env, c, o), resume_stage=2)
 
 
 # ---- the test and the table -------------------------------------------------------------------------------
@@ -441,3 +448,18 @@ def test_the_table_in_docs_lists_every_case():
     text = DOC.read_text() if DOC.exists() else ""
     missing = [c[0] for c in CASES if f"`{c[0]}`" not in text]
     assert not missing, f"{DOC} lacks {missing}: regenerate it with CLARA_WRITE_TABLE=1 (see this file's docstring)"
+
+
+def test_one_error_line_and_one_load_error_tuple():
+    """clara.error_line is what every command prints for an error (train.py and eval.py import it), and
+    clara.LOAD_ERRORS / SAVE_ERRORS are the one pair of tuples they catch."""
+    import clara
+    from safetensors import SafetensorError
+    assert train.error_line is clara_eval.error_line is clara.error_line
+    assert train.LOAD_ERRORS is clara_eval.LOAD_ERRORS is clara.LOAD_ERRORS and train.SAVE_ERRORS is clara.SAVE_ERRORS
+    assert SafetensorError in clara.LOAD_ERRORS and SafetensorError in clara.SAVE_ERRORS
+    line = clara.error_line
+    assert line(KeyError("f.safetensors: no tensor 'x'")) == "f.safetensors: no tensor 'x'"  # no repr quotes
+    assert line(RuntimeError("bad  zip:\tcut\nException raised from C++ at x.cpp:1\nframe #0: ...")) == "bad zip: cut"
+    assert line(ValueError("")) == "ValueError" and line(KeyError()) == "KeyError"
+    assert line(OSError(28, "No space left on device")) == "[Errno 28] No space left on device"

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 import train
 from clara import Clara, ClaraConfig
+from conftest import adamw_steps
 from data import Tokenizer
 from model import Transformer
 
@@ -86,7 +87,7 @@ def test_a_kill_inside_the_swap_leaves_a_complete_checkpoint(tiny_base, tmp_path
 
 
 FAST = ["--global-batch", "4", "--micro-batch", "2", "--doc-len", "32", "--compr-rate", "8", "--max-len", "160",
-        "--lora-dropout", "0", "--log-every", "1", "--vocab-size", "400", "--max-steps", "2", "--save-every", "1"]
+        "--lora-dropout", "0", "--log-every", "1", "--max-steps", "2", "--save-every", "1"]
 
 
 def test_resume_after_a_kill_inside_the_resume_swap(tmp_path):
@@ -128,12 +129,15 @@ def test_a_full_disk_leaves_the_last_checkpoint(tiny_base, tmp_path, monkeypatch
 # ---- self-contained folders ---------------------------------------------------------------------------
 
 def test_moved_checkpoints_load_with_the_same_outputs(tiny_base, tmp_path):
-    # (1) a stage-1 checkpoint that carries its trained base; (2) a stage-2 checkpoint loaded from it
+    # (1) a stage-1 checkpoint that carries its base (as train.py's from the shipped data/tiny); (2) a stage-2
+    # checkpoint loaded from it
     c = make(tiny_base, stage=1)
-    c.trainable_parameters(1, train_base=True)
+    c.base_carried = True
     with torch.no_grad():
-        c.model.layers[0].attention.wq.weight.add_(0.5)
+        for p in c.model.adapter_parameters("encoder").values():
+            p.add_(0.01)
     c.save_pretrained(tmp_path / "s1")
+    assert (tmp_path / "s1" / "base" / "model.safetensors").read_bytes() == (tiny_base / "model.safetensors").read_bytes()
     s2 = Clara.from_pretrained(tmp_path / "s1", training_stage=2)
     with torch.no_grad():
         for p in s2.model.adapter_parameters("decoder").values():
@@ -217,12 +221,8 @@ def test_flipped_bytes_and_other_tokenizers_are_errors(tiny_base, tmp_path):
 
 def trainer(base, tmp_path, seed=0):
     c = make(base, stage=1, seed=seed)
-    params = c.trainable_parameters(1)
-    opt = torch.optim.AdamW(list(params.values()), lr=1e-3)
-    c.train()
-    c.total_loss(c.loss(c.collate([{"data_type": "paraphrase", "question": [], "answers": ["Paris it is."],
-                                     "docs": ["Paris is the capital of France."]}], stage=1), 1)).backward()
-    opt.step()
+    _, opt = adamw_steps(c, c.collate([{"data_type": "paraphrase", "question": [], "answers": ["Paris it is."],
+                                        "docs": ["Paris is the capital of France."]}], stage=1), 1, lr=1e-3)
     return c, opt, SimpleNamespace(out=tmp_path, stage=1, defaults="official", run_record={})
 
 

@@ -8,6 +8,7 @@ import torch
 
 from clara import (PARAPHRASE_TEMPLATES, SYSTEM_ANSWER, SYSTEM_QA, Clara, ClaraConfig, MemoryBank,
                    build_prompt, retrieval_infonce)
+from conftest import adamw_steps
 from data import Tokenizer
 from model import Transformer
 
@@ -136,19 +137,7 @@ def test_stage_loss_falls_when_overfitting(tiny_base, stage):
     c = make(tiny_base, stage=stage)
     if stage == 3:
         c.model.copy_adapter("encoder", "query")
-    batch = c.collate(records(stage), stage=stage)
-    params = c.trainable_parameters(stage)
-    opt = torch.optim.AdamW(params.values(), lr=3e-3)
-    c.train()
-    losses = []
-    for _ in range(12):
-        out = c.loss(batch, stage)
-        loss = c.total_loss(out)
-        assert torch.isfinite(loss)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses, _ = adamw_steps(c, c.collate(records(stage), stage=stage), stage, steps=12)  # each loss finite
     assert losses[-1] < 0.7 * losses[0], losses
 
 
@@ -238,24 +227,6 @@ def test_checkpoint_round_trip(tiny_base, tmp_path):
         Clara.from_pretrained(tmp_path / "ckpt", compr_rate=8)
 
 
-def test_trained_base_travels_with_the_checkpoint(tiny_base, tmp_path):
-    c = make(tiny_base, stage=1)
-    names = c.trainable_parameters(1, train_base=True)
-    assert "model.layers.0.attention.wq.weight" in names and "model.tok_embeddings.weight" in names
-    with torch.no_grad():
-        c.model.layers[0].attention.wq.weight.add_(1.0)
-        c.model.output.weight.mul_(2.0)
-    batch = c.collate(records(1), stage=1)
-    c.eval()
-    with torch.no_grad():
-        before = c.total_loss(c.loss(batch, 1))
-    c.save_pretrained(tmp_path / "ck")
-    assert (tmp_path / "ck" / "base" / "model.safetensors").exists()
-    d = Clara.from_pretrained(tmp_path / "ck").eval()
-    with torch.no_grad():
-        assert torch.equal(c.total_loss(d.loss(d.collate(records(1), stage=1), 1)), before)
-
-
 def write_official(c: Clara, path):
     """An official release folder built from the documented keys and shapes (docs/method.md#checkpoints)."""
     path.mkdir()
@@ -334,14 +305,7 @@ def trained_stage2(tiny_base, path, steps=4):
     """A stage-2 checkpoint trained a few steps on records(2): enough to answer "Paris" / "Alice" from
     the compressed documents, while the raw text (never trained on) gives something else."""
     c = make(tiny_base, stage=2)
-    batch = c.collate(records(2), stage=2)
-    opt = torch.optim.AdamW(c.trainable_parameters(2).values(), lr=3e-3)
-    c.train()
-    for _ in range(steps):
-        loss = c.total_loss(c.loss(batch, 2))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    adamw_steps(c, c.collate(records(2), stage=2), 2, steps=steps)
     c.save_pretrained(path)
     return Clara.from_pretrained(path)
 

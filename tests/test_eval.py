@@ -18,7 +18,7 @@ from model import generate
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--global-batch", "4", "--micro-batch", "2", "--doc-len", "32", "--compr-rate", "8", "--max-len", "400",
-        "--lora-dropout", "0", "--vocab-size", "400", "--max-steps", "2", "--log-every", "1",
+        "--lora-dropout", "0", "--max-steps", "2", "--log-every", "1",
         "--device", "cpu"]  # explicit: on a GPU machine the default would be CUDA + bf16
 K, M = 2, 4  # the tiny preset's generation_top_k; doc_len 32 / rate 8 memory tokens per document
 
@@ -202,7 +202,8 @@ def test_generation_timing_splits_prefill_and_decode(ckpts):
     ({"docs": ["a doc"], "answer": "x"}, r"bad\.jsonl:3: missing field 'question'"),
     ({"question": "q?", "answer": "x"}, r"bad\.jsonl:3: missing field 'docs'"),
     ({"question": "q?", "docs": [], "answer": "x"}, r"bad\.jsonl:3: empty candidate list"),
-    ({"question": "q?", "docs": ["a", "b"], "answer": "x", "pos_index": [2]}, r"bad\.jsonl:3: pos_index out of range"),
+    ({"question": "q?", "docs": ["a", "b"], "answer": "x", "pos_index": [2]},
+     r"bad\.jsonl:3: field 'pos_index\[0\]': index 2 is out of range"),  # data.positives, as in training
     ({"question": "q?", "docs": ["a", "b"]}, r"bad\.jsonl:3: missing gold answer field"),
     ("{not json", r"bad\.jsonl:3: not valid JSON"),
 ])

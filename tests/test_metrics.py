@@ -136,6 +136,23 @@ def test_retrieval_edge_cases():
     assert recall_at_k(torch.tensor([1, 0, 2]), torch.tensor([0]), 2) == 1.0
 
 
+def test_one_recall_for_training_and_eval():
+    """topk.recall_at_k is the only recall: eval.py reports it, train.py's stage-3 log averages it."""
+    import eval
+    import topk
+    import train
+    assert eval.recall_at_k is topk.recall_at_k is train.recall_at_k
+    assert eval.precision_at_k is topk.precision_at_k
+    # What train.py logs as recall@2: the hard top-2 of each row's scores (topk_select's idx), against
+    # pos_index, averaged over the rows that have positives.
+    scores = torch.tensor([[0.9, 0.1, 0.5, 0.3],    # top-2 {0, 2}; positives {2, 3}: 1 hit -> 1/2
+                           [0.2, 0.8, 0.1, 0.7]])   # top-2 {1, 3}; positives {1}: 1 hit -> 1/1
+    _, idx = topk.topk_select(scores, 2, 0.02, training=False)
+    assert idx.tolist() == [[0, 2], [1, 3]]
+    recalls = [recall_at_k(row, pos, len(row)) for row, pos in zip(idx.tolist(), [[2, 3], [1]])]
+    assert recalls == [0.5, 1.0]  # mean 0.75
+
+
 @pytest.mark.parametrize("fn", [recall_at_k, precision_at_k])
 def test_retrieval_errors(fn):
     with pytest.raises(ValueError, match="positives is empty"):

@@ -37,9 +37,6 @@ def test_pass_flops_by_hand():
     # 2 (16 + 4) + 2 (8 + 4) + 2 (8 + 4) = 88 a token, 440 for 5
     no_input = train.pass_flops(HAND, 1, MASK, trains=True, input_grad=False)
     assert no_input == 1780 + 144 + 2360 + 288 - 440
-    # train_base: + 2 P = 240 a token (1200) and the output layer's weight gradient (160)
-    base = train.pass_flops(HAND, 1, MASK, trains=True, targets=2, train_base=True)
-    assert base == 1780 + 144 + 160 + 2360 + 288 + 160 + 1200 + 160
     # a sliding window of 2: token i sees min(i + 1, 2) keys, 1 + 2 + 2 and 1 + 2 = 8 pairs (128)
     windowed = ModelConfig(**{**HAND.__dict__, "sliding_window": 2})
     assert train.pass_flops(windowed, 1, MASK, trains=False) == 1780 + 128
@@ -100,16 +97,15 @@ def attention_flops(cfg, batch, stage, objective):
     return docs + query + dec
 
 
-@pytest.mark.parametrize("stage, objective, train_base", [
-    (1, "answer", False), (2, "answer", False), (3, "answer", False),
-    (3, "retrieval_warmup", False), (1, "answer", True)])
-def test_matmul_flops_equal_torchs_count_of_a_real_step(clara, stage, objective, train_base):
+@pytest.mark.parametrize("stage, objective", [
+    (1, "answer"), (2, "answer"), (3, "answer"), (3, "retrieval_warmup")])
+def test_matmul_flops_equal_torchs_count_of_a_real_step(clara, stage, objective):
     """Every matmul of a training forward + backward, as torch counts them (FlopCounterMode), is in
     our count: the projections with their adapters, the input and weight gradients autograd really
     computes, the output layer at the targets. torch does not see inside the attention kernel (our
     term is checked by hand above), and we leave out the top-k's (B, K, N) x (B, N, M*H) product
     (batched matmuls, under 0.1% at the official shapes)."""
-    params = clara.trainable_parameters(stage, train_base=train_base)
+    params = clara.trainable_parameters(stage)
     if objective == "retrieval_warmup":
         for k in [k for k in params if not k.endswith(".query")]:
             params.pop(k).requires_grad_(False)
@@ -121,7 +117,7 @@ def test_matmul_flops_equal_torchs_count_of_a_real_step(clara, stage, objective,
     counts = counter.get_flop_counts()["Global"]
     torch_mm = sum(v for op, v in counts.items() if "bmm" not in str(op))
     cfg = clara.model.cfg
-    ours = train.batch_flops(cfg, clara.cfg.lora_r, batch, stage, objective, train_base=train_base)
+    ours = train.batch_flops(cfg, clara.cfg.lora_r, batch, stage, objective)
     assert ours - attention_flops(cfg, batch, stage, objective) == torch_mm
 
 
@@ -131,9 +127,8 @@ def test_train_and_the_benchmarks_count_a_stage3_step_alike(tmp_path):
     Now a real train.py step (setup, train_step) and bench_train.py's count of the same
     micro-batches agree, and both are the sum of the three passes."""
     a = train.parse_args(["--stage", "3", "--out", str(tmp_path), "--device", "cpu",
-                          "--train-base", "0", "--global-batch", "4", "--micro-batch", "2",
-                          "--doc-len", "32", "--compr-rate", "8", "--max-len", "400",
-                          "--top-k", "2", "--vocab-size", "400"])
+                          "--global-batch", "4", "--micro-batch", "2", "--doc-len", "32",
+                          "--compr-rate", "8", "--max-len", "400", "--top-k", "2"])
     run = train.setup(a, torch.device("cpu"), torch.float32, rank=0, world=1)
     stream = train.micro_batches(run)
     micro = [train.make_batch(run, next(stream)) for _ in range(run.accum)]

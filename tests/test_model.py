@@ -217,6 +217,24 @@ def test_lora_init_and_copy():
         assert not torch.equal(m(ids, adapter="encoder"), m(ids, adapter="encoder"))
 
 
+def test_lora_layers_are_the_hf_projection_table():
+    """model.HF_PROJ names every LoRALinear of a block (and nothing else): it is the source of the HF keys of
+    the projections and of the official adapter keys (clara.OFFICIAL_PROJ), so a layer missing from it would
+    load nothing from an HF checkpoint or an official release."""
+    import clara
+    from model import HF_KEYS, HF_PROJ, LoRALinear
+    m = Transformer(ModelConfig.from_preset("tiny"))
+    lora = {n for n, mod in m.layers[0].named_modules() if isinstance(mod, LoRALinear)}
+    assert lora == set(HF_PROJ) and len(lora) == 7
+    assert HF_KEYS["layers.{}.mlp.gate.weight"] == "model.layers.{}.mlp.gate_proj.weight"
+    assert HF_KEYS["layers.{}.attention.wo.bias"] == "model.layers.{}.self_attn.o_proj.bias"
+    assert "layers.{}.mlp.up.bias" not in HF_KEYS  # the MLP has no biases in any supported family
+    assert clara.official_key("base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight", "encoder") \
+        == "layers.3.attention.wq.lora_A.encoder"
+    assert clara.official_key("base_model.model.model.layers.0.mlp.down_proj.lora_B.weight", "query") \
+        == "layers.0.mlp.down.lora_B.query"
+
+
 def test_activation_checkpointing_same_gradients():
     m = Transformer(ModelConfig.from_preset("tiny")).init_weights()
     m.requires_grad_(False).add_adapter("a", LoRAConfig(dropout=0.0))
@@ -589,3 +607,88 @@ def test_compiled_generation_is_token_identical(pair):
     want = generate(ours, ids, mask, max_new_tokens=10, eos_id=-1)
     assert generate(ours, ids, mask, max_new_tokens=10, eos_id=-1, compile=True) == want
     assert generate(ours, ids, mask, max_new_tokens=10, eos_id=-1, compile=True) == want  # cached compile
+
+
+# -- the fast paths of inference against the plain formulas ----------------------------------------------
+
+TIGHT = 1e-6  # fp32 rounding of the same operations in another order
+
+@pytest.mark.parametrize("variant", [dict(), dict(qkv_bias=True, o_bias=True), dict(qk_norm=True),
+                                     dict(sliding_window=4)])
+@pytest.mark.parametrize("adapter", [None, "a"])
+def test_skip_padding_equals_padded_forward(variant, adapter):
+    """skip_padding (generate's prefill: projections and MLPs on the real tokens only) gives the padded
+    forward's numbers at the real positions, zeros at the padding; with a cache, the same keys and values
+    at every real slot and the same decoding after it. Within 1e-6, not bit for bit: a matmul over fewer
+    rows may take another BLAS kernel, which rounds the same row differently (seen: 1 ulp of a logit)."""
+    m = Transformer(ModelConfig.from_preset("tiny", **variant)).init_weights(seed=0, std=0.1).eval()
+    m.add_adapter("a", LoRAConfig(rank=4, alpha=8))
+    for layer in m.lora_layers():
+        layer.lora_B["a"].data.normal_(0, 0.1)
+    ids, mask = left_pad([torch.randint(3, 500, (n,)).tolist() for n in (9, 3, 6)])
+    real = mask.bool()
+    with torch.no_grad():
+        for output in ("logits", "hidden"):
+            plain = m(ids, attention_mask=mask, adapter=adapter, output=output)
+            fast = m(ids, attention_mask=mask, adapter=adapter, output=output, skip_padding=True)
+            torch.testing.assert_close(fast[real], plain[real], atol=TIGHT, rtol=0)
+            assert (fast[~real] == 0).all()
+        caches = [KVCache(m.cfg, 3, ids.shape[1] + 1, "cpu", torch.float32) for _ in range(2)]
+        outs = [m(ids, attention_mask=mask, adapter=adapter, cache=c, skip_padding=s)
+                for c, s in zip(caches, (False, True))]
+        torch.testing.assert_close(outs[1][real], outs[0][real], atol=TIGHT, rtol=0)
+        for kp, kf in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v):
+            torch.testing.assert_close(kf[:, :, :ids.shape[1]].transpose(1, 2)[real],
+                                       kp[:, :, :ids.shape[1]].transpose(1, 2)[real], atol=TIGHT, rtol=0)
+        nxt = torch.randint(3, 500, (3, 1))
+        steps = [m(nxt, attention_mask=torch.ones(3, 1), adapter=adapter, cache=c) for c in caches]
+        torch.testing.assert_close(steps[1], steps[0], atol=TIGHT, rtol=0)  # padded slots stay unseen
+        # nothing padded: skip_padding is a no-op
+        torch.testing.assert_close(m(ids, adapter=adapter, skip_padding=True), m(ids, adapter=adapter),
+                                   atol=TIGHT, rtol=0)
+
+
+@pytest.mark.parametrize("adapter", [None, "a"])
+def test_generate_equals_plain_recomputation(adapter):
+    """generate (packed prefill, static cache, decode_step) against the plainest greedy loop: the whole
+    sequence through Transformer.forward at every step, no cache. Identical tokens, and the first step's
+    logits within fp32 rounding (the two attend over different key counts)."""
+    m = Transformer(ModelConfig.from_preset("tiny", sliding_window=6, qkv_bias=True)).init_weights(seed=3, std=0.1)
+    m.eval().add_adapter("a", LoRAConfig(rank=4, alpha=8))
+    for layer in m.lora_layers():
+        layer.lora_B["a"].data.normal_(0, 0.1)
+    ids, mask = left_pad([torch.randint(3, 500, (n,)).tolist() for n in (11, 4, 7)])
+    out = generate(m, ids, mask, max_new_tokens=12, adapter=adapter, eos_id=-1)
+    seq, sm = ids, mask
+    with torch.no_grad():
+        for _ in range(12):
+            pos = (sm.cumsum(-1) - 1).clamp(min=0)
+            nxt = m(seq, attention_mask=sm, adapter=adapter, positions=pos)[:, -1].argmax(-1, keepdim=True)
+            seq, sm = torch.cat([seq, nxt], 1), torch.cat([sm, torch.ones_like(nxt)], 1)
+    assert out == seq[:, ids.shape[1]:].tolist()
+
+
+def test_rope_and_rmsnorm_equal_their_formulas():
+    """apply_rope (a roll with the signed sine) is HF's x*cos + rotate_half(x)*sin bit for bit, and
+    RMSNorm (through F.rms_norm) is w * (x * rsqrt(mean(x^2) + eps)) bit for bit, gradients too, in
+    fp32 and bf16."""
+    from model import RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
+    pos = torch.tensor([[0, 3, 7, 100]])
+    cos, sin = rope_cos_sin(pos, 16, 10000.0, torch.float32)
+    angles = pos.float()[..., None] * rope_inv_freq(16, 10000.0)
+    angles = torch.cat([angles, angles], -1)[:, None]  # (1, 1, T, D) as HF builds them
+    x = torch.randn(1, 3, 4, 16)
+    x1, x2 = x.chunk(2, -1)
+    ref = x * angles.cos() + torch.cat([-x2, x1], -1) * angles.sin()
+    assert torch.equal(cos, angles.cos()) and torch.equal(apply_rope(x, cos, sin), ref)
+    for dtype in (torch.float32, torch.bfloat16):
+        norm = RMSNorm(32, 1e-5).to(dtype)
+        norm.weight.data.normal_(1, 0.1)
+        x = torch.randn(3, 5, 32, dtype=dtype, requires_grad=True)
+        xf = x.float()
+        ref = norm.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
+        out = norm(x)
+        assert torch.equal(out, ref)
+        g = torch.randn_like(out)
+        assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(out, (x, norm.weight), g),
+                                                      torch.autograd.grad(ref, (x, norm.weight), g)))

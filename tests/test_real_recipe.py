@@ -52,7 +52,7 @@ def test_dry_run_prints_every_command_and_runs_nothing(tmp_path, capsys):
         printed = capsys.readouterr().out
         assert len(res["commands"]) == printed.count("\n$ python ") == n
         assert not out.exists()
-        assert "--train-base 0" in printed and "--model MODEL" in printed
+        assert "--model MODEL" in printed
         assert ("--k 5" in printed) == (size == "gpu")
         assert printed.count("--stage 1 ") == len(real.SIZES[size]["rates"])
 
@@ -71,7 +71,7 @@ def test_every_command_parses_with_its_script(tmp_path):
             assert words[0] == "python" and words[1] in parsers, c
             args = parsers[words[1]](words[2:])  # SystemExit (argparse) on an unknown or malformed flag
             if words[1] == "train.py":
-                assert args.train_base in (0, None) and (args.stage == 1 or args.init)
+                assert args.stage == 1 or args.init
 
 
 def test_bad_arguments(tmp_path, monkeypatch):
