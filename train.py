@@ -47,13 +47,14 @@ import shutil
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from clara import (LOAD_ERRORS, SAVE_ERRORS, Batch, Clara, ClaraConfig, checkpoint_dir, complete_dir,
-                   error_line, replace_dir, weight_hashes)
+from clara import (LOAD_ERRORS, SAVE_ERRORS, Batch, Clara, ClaraConfig, checkpoint_dir,
+                   complete_dir, error_line, replace_dir, weight_hashes)
 from data import DataError, JsonlDataset, Tokenizer, batches
 from model import LoRAConfig, ModelConfig, Transformer
 from topk import recall_at_k

@@ -49,8 +49,8 @@ def step_flops(clara: Clara, batch, stage: int) -> int:
 
 
 def timed_step(clara, opt, stage, records, sync=lambda: None):
-    """One optimizer step of `stage` on `records` (the benchmarked loop; bench/gpu_check.py part c runs
-    it too) -> (seconds of loss + backward + update, tokens read, FLOPs: `step_flops`).
+    """One optimizer step of `stage` on `records` (the benchmarked loop; bench/gpu_check.py part c
+    runs it too) -> (seconds of loss + backward + update, tokens read, FLOPs: `step_flops`).
     `sync` waits for the device before each clock reading (CUDA calls return before the work is done)."""
     batch = clara.collate(records, stage)
     sync()
