@@ -1,7 +1,6 @@
 """clara.py on a tiny random base model on CPU: prompts, splicing, labels, losses, gradients, checkpoints,
 the official-format importer and the inference API."""
 import json
-import random
 
 import pytest
 import torch

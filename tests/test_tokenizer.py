@@ -1,6 +1,5 @@
 """data.py's tokenizer part: special tokens, chat strings, left padding, on tokenizers trained offline."""
 import pytest
-import torch
 
 from conftest import CORPUS
 from data import Tokenizer, chat, left_pad, train_tokenizer
