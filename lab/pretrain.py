@@ -42,7 +42,7 @@ import torch.nn.functional as F  # noqa: E402
 from clara import PROMPT_TEXTS, replace_dir, text_prompt  # noqa: E402
 from data import DataError, left_pad, train_tokenizer, validate_record  # noqa: E402
 from model import PRESETS, ModelConfig, Transformer  # noqa: E402
-from train import lr_at  # noqa: E402  (the same warmup + cosine schedule as train.py)
+from train import Parser, UsageError, lr_at  # noqa: E402  (train.py's one-line errors and lr schedule)
 
 # The shapes this script builds. "small": twice as wide, the lab probe's figures (docs/LOG.md, BENCHMARKS.md).
 LAB_PRESETS = {
@@ -50,19 +50,6 @@ LAB_PRESETS = {
     "small": dict(vocab_size=512, dim=128, n_layers=2, n_heads=4, n_kv_heads=4, head_dim=32,
                   intermediate_size=384, norm_eps=1e-5, rope_theta=10000.0, dtype="float32"),
 }
-
-
-class UsageError(SystemExit):
-    """An expected error: one line `pretrain.py: error: <message>` and exit 2 at the command line."""
-
-    def __init__(self, message: str):
-        super().__init__(message)
-        self.message = message
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse's own errors: one line, like ours
-        raise UsageError(message)
 
 
 # The defaults are the CPU lab's settings (lab/lab.py passes them explicitly too): with them this script
@@ -296,12 +283,13 @@ def main(argv=None) -> dict:
 
 
 def cli(argv=None) -> int:
+    """The command line: an expected error is one line on stderr and exit 2, as with train.py."""
     try:
         main(argv)
+        return 0
     except UsageError as e:
         print(f"pretrain.py: error: {e.message}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":
