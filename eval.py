@@ -566,13 +566,8 @@ def parse_args(argv=None):
     return a
 
 
-def main(argv=None) -> dict:
-    a = parse_args(argv)
-    names = a.names or [Path(f).stem for f in a.data]
-    if len(set(names)) != len(names):
-        raise SystemExit(f"data set names must differ, got {names}; pass --names")
-
-    # 1. Read and check every file before loading the model: a bad record fails in seconds.
+def read_data(a, names: list[str]) -> dict:
+    """Every --data file read and checked: {name: (records, malformed)}; a bad file or record is one line."""
     data = {}
     for name, path in zip(names, a.data):
         try:
@@ -587,6 +582,46 @@ def main(argv=None) -> dict:
             raise SystemExit(f"bad evaluation data: {malformed[0]}{more}; fix the file, or pass --skip-malformed "
                              "to skip and report such records")
         data[name] = (records, malformed)
+    return data
+
+
+def run_mode(clara, dname: str, mode: str, records: list, malformed: list, k: int, a, out: Path):
+    """One data set in one mode: the records it can score, in batches, each item written to
+    OUT/{dname}.{mode}.jsonl as it is answered. Returns (skip report, items, per-batch timings)."""
+    from tqdm import tqdm
+    problems = [unscorable(r, mode, k) for r in records]
+    usable = [r for r, e in zip(records, problems) if e is None]
+    report = skip_report(malformed + [e for e in problems if e is not None])
+    if not usable:
+        raise SystemExit(f"{dname}, mode {mode}: no record can be scored; "
+                         + "; ".join(f"{r}: {v['count']} (first: {v['examples'][0]})" for r, v in report.items()))
+    if report:
+        print(f"{dname} {mode}: skipped " + "; ".join(f"{r}: {v['count']} ({v['examples'][0]})"
+                                                     for r, v in report.items()), flush=True)
+    max_new = a.max_new_tokens or MAX_NEW_TOKENS[mode]
+    first = next(batches_of(usable, a.batch_size, mode))
+    for _ in range(a.warmup):  # untimed batches first: allocator, kernels and caches warm
+        run_batch(clara, mode, first, k, 2, a)
+    items, timings = [], []
+    bar = tqdm(total=len(usable), desc=f"{dname} {mode}", unit="q", dynamic_ncols=True, disable=a.no_progress)
+    with open(out / f"{dname}.{mode}.jsonl", "w", encoding="utf-8") as f:
+        for batch in batches_of(usable, a.batch_size, mode):
+            batch_items, timing = run_batch(clara, mode, batch, k, max_new, a)
+            f.writelines(json.dumps(it, ensure_ascii=False) + "\n" for it in batch_items)
+            items += batch_items
+            timings.append(timing)
+            bar.update(len(batch))
+    bar.close()
+    return report, items, timings
+
+
+def main(argv=None) -> dict:
+    a = parse_args(argv)
+    names = a.names or [Path(f).stem for f in a.data]
+    if len(set(names)) != len(names):
+        raise SystemExit(f"data set names must differ, got {names}; pass --names")
+
+    data = read_data(a, names)  # 1. every file read and checked before the model loads: fails in seconds
 
     # 2. The model, and what it can do.
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -622,38 +657,13 @@ def main(argv=None) -> dict:
           f"per document), top-k {k}, {device} {dtype}; scoring: {scoring}", flush=True)
 
     # 3. Every data set in every mode.
-    from tqdm import tqdm
     results, cost, skipped, per_mode_items, per_mode_timings = {}, {}, {}, {}, {}
     with torch.no_grad():
         for dname, (records, malformed) in data.items():
             results[dname], cost[dname], skipped[dname] = {}, {}, {}
             for mode in modes:
-                problems = [unscorable(r, mode, k) for r in records]
-                usable = [r for r, e in zip(records, problems) if e is None]
-                report = skip_report(malformed + [e for e in problems if e is not None])
-                if not usable:
-                    raise SystemExit(f"{dname}, mode {mode}: no record can be scored; "
-                                     + "; ".join(f"{r}: {v['count']} (first: {v['examples'][0]})"
-                                                 for r, v in report.items()))
+                report, items, timings = run_mode(clara, dname, mode, records, malformed, k, a, out)
                 skipped[dname][mode] = report
-                if report:
-                    print(f"{dname} {mode}: skipped " + "; ".join(f"{r}: {v['count']} ({v['examples'][0]})"
-                                                                 for r, v in report.items()), flush=True)
-                max_new = a.max_new_tokens or MAX_NEW_TOKENS[mode]
-                first = next(batches_of(usable, a.batch_size, mode))
-                for _ in range(a.warmup):
-                    run_batch(clara, mode, first, k, 2, a)
-                items, timings = [], []
-                bar = tqdm(total=len(usable), desc=f"{dname} {mode}", unit="q", dynamic_ncols=True,
-                           disable=a.no_progress)
-                with open(out / f"{dname}.{mode}.jsonl", "w", encoding="utf-8") as f:
-                    for batch in batches_of(usable, a.batch_size, mode):
-                        batch_items, timing = run_batch(clara, mode, batch, k, max_new, a)
-                        f.writelines(json.dumps(it, ensure_ascii=False) + "\n" for it in batch_items)
-                        items += batch_items
-                        timings.append(timing)
-                        bar.update(len(batch))
-                bar.close()
                 results[dname][mode] = aggregate(items)
                 cost[dname][mode] = cost_summary(timings, items)
                 per_mode_items.setdefault(mode, []).extend(items)
