@@ -66,10 +66,10 @@ SIZES = {
     # (128-token document, all its QA pairs as the target; 3 s of an idle machine's wall time), a stage-2
     # one about half; retrieval compresses 20 documents per question.
     "cpu": dict(test_docs=100, k=1, candidates=20, doc_len=128, rates=[4, 16], questions_per_doc=2,
-                s1_steps=3, s2_steps=12, s3_warmup_steps=0, s3_steps=2,
+                s1_steps=40, s2_steps=160, s3_warmup_steps=0, s3_steps=2,
                 global_batch=4, micro_batch=2, s3_global_batch=2, s3_micro_batch=1, max_len=320,
                 lora_r=16, lora_alpha=32, lr=1e-3, s3_lr=1e-4,
-                limit=30, s3_limit=4, s3_top_k=1, max_new_tokens=24, batch_size=10, dtype="float32"),
+                limit=50, s3_limit=4, s3_top_k=1, max_new_tokens=24, batch_size=10, dtype="float32"),
 }
 OVERRIDES = {  # flag -> (type, help); each replaces the size's value
     "test_docs": (int, "held-out documents"), "k": (int, "documents per stage-2 / reading question"),
