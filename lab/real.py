@@ -65,7 +65,7 @@ SIZES = {
     # examples, small evaluations. Measured cost (SmolLM2-135M, fp32): a stage-1 example ~39 CPU-seconds
     # (128-token document, all its QA pairs as the target; 3 s of an idle machine's wall time), a stage-2
     # one about half; retrieval compresses 20 documents per question.
-    "cpu": dict(test_docs=100, k=1, candidates=20, doc_len=128, rates=[4, 16], questions_per_doc=2,
+    "cpu": dict(test_docs=100, k=1, candidates=20, doc_len=128, rates=[4], questions_per_doc=2,
                 s1_steps=40, s2_steps=160, s3_warmup_steps=0, s3_steps=2,
                 global_batch=4, micro_batch=2, s3_global_batch=2, s3_micro_batch=1, max_len=320,
                 lora_r=16, lora_alpha=32, lr=1e-3, s3_lr=1e-4,
