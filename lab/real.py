@@ -1,6 +1,6 @@
 """The real-model recipe: CLaRa's three stages on a pretrained checkpoint and real Wikipedia passages.
 
-    CLARA_SMOLLM2=/path/SmolLM2-135M-Instruct python lab/real.py --size cpu   # 2 CPU cores: 13 min idle, ~50 loaded
+    CLARA_SMOLLM2=/path/SmolLM2-135M-Instruct python lab/real.py --size cpu   # 2 CPU cores: 46 min
     python lab/real.py --model DIR --size gpu                                # one GPU, minutes
     python lab/real.py --size cpu --dry-run                                  # print the commands only
 
@@ -29,9 +29,9 @@ Outputs in --out (default out/real/<size>): data/, rate{R}/stage{1,2}/, rate{R}/
 results.json (every number and every command with its seconds) and results.md (the tables).
 
 Sizes (SIZES below): "gpu" trains thousands of examples per stage at rates 4/16/32 with k=5 documents, as
-the method does; "cpu" is sized so that 2 shared CPU cores finish in 13 minutes idle (about 50 at load
-10): shorter documents (128 tokens), one document per stage-2 question (k=1), a few dozen steps per stage, and evaluation on a
-few dozen held-out questions (retrieval costs 20 document compressions per question: a handful). Every
+the method does; "cpu" is sized so that 2 CPU cores finish in about 45 minutes: one rate (4), shorter
+documents (128 tokens), one document per stage-2 question (k=1), 160 stage-1 and 640 stage-2 examples, and
+evaluation on 50 held-out questions (retrieval costs 20 document compressions per question: a handful). Every
 setting can be overridden (--s1-steps, --limit, --rates, ...).
 """
 from __future__ import annotations
@@ -61,10 +61,10 @@ SIZES = {
                 global_batch=32, micro_batch=8, s3_global_batch=32, s3_micro_batch=2, max_len=1024,
                 lora_r=16, lora_alpha=32, lr=1e-4, s3_lr=1e-5,
                 limit=None, s3_limit=None, s3_top_k=5, max_new_tokens=64, batch_size=32, dtype=None),
-    # 2 CPU cores, 13 min idle and about 50 at load 10 (BENCHMARKS.md): short documents, k=1, a few dozen
-    # examples, small evaluations. Measured cost (SmolLM2-135M, fp32): a stage-1 example ~39 CPU-seconds
-    # (128-token document, all its QA pairs as the target; 3 s of an idle machine's wall time), a stage-2
-    # one about half; retrieval compresses 20 documents per question.
+    # 2 CPU cores, 46 min (BENCHMARKS.md): one rate, short documents, k=1, a few hundred examples, small
+    # evaluations. Measured cost (SmolLM2-135M, fp32, 2 cores): a stage-1 step of 4 examples 17.7 s (128-token
+    # documents, all their QA pairs as the target), a stage-2 step 10.1 s; retrieval compresses 20 documents
+    # per question.
     "cpu": dict(test_docs=100, k=1, candidates=20, doc_len=128, rates=[4], questions_per_doc=2,
                 s1_steps=40, s2_steps=160, s3_warmup_steps=0, s3_steps=2,
                 global_batch=4, micro_batch=2, s3_global_batch=2, s3_micro_batch=1, max_len=320,
@@ -116,7 +116,7 @@ def evaluate(ckpt: Path, data: Path, out: Path, modes: list[str], cfg: dict, log
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--size", choices=sorted(SIZES), default="cpu", help="gpu: one GPU, minutes; cpu: 2 cores, 13-50 min")
+    p.add_argument("--size", choices=sorted(SIZES), default="cpu", help="gpu: one GPU, minutes; cpu: 2 cores, 46 min")
     p.add_argument("--model", default=os.environ.get("CLARA_SMOLLM2"), help="HF model folder (default: $CLARA_SMOLLM2)")
     p.add_argument("--src", type=Path, default=DEFAULT_SRC, help="the official example/pretrain_data.jsonl")
     p.add_argument("--out", type=Path, default=None, help="output directory (default: out/real/<size>)")

@@ -46,7 +46,8 @@ def test_recipe_runs_end_to_end_on_a_tiny_model(tmp_path, tiny_base, capsys):
 
 
 def test_dry_run_prints_every_command_and_runs_nothing(tmp_path, capsys):
-    for size, n in (("cpu", 1 + 3 * 2 + 3), ("gpu", 1 + 3 * 3 + 5)):
+    # data; per rate stage 1, stage 2, eval; stage 3: eval before, train, eval after (+ warm-up and its eval)
+    for size, n in (("cpu", 1 + 3 * 1 + 3), ("gpu", 1 + 3 * 3 + 5)):
         out = tmp_path / size
         res = real.main(["--dry-run", "--size", size, "--model", "MODEL", "--out", str(out)])
         printed = capsys.readouterr().out
