@@ -29,7 +29,7 @@ Outputs in --out (default out/real/<size>): data/, rate{R}/stage{1,2}/, rate{R}/
 results.json (every number and every command with its seconds) and results.md (the tables).
 
 Sizes (SIZES below): "gpu" trains thousands of examples per stage at rates 4/16/32 with k=5 documents, as
-the method does; "cpu" is sized so that 2 CPU cores finish in about 45 minutes: one rate (4), shorter
+the method does; "cpu" is sized so that 2 CPU cores finish in 46 minutes: one rate (4), shorter
 documents (128 tokens), one document per stage-2 question (k=1), 160 stage-1 and 640 stage-2 examples, and
 evaluation on 50 held-out questions (retrieval costs 20 document compressions per question: a handful). Every
 setting can be overridden (--s1-steps, --limit, --rates, ...).
